@@ -1,0 +1,149 @@
+// CPU backend of lookahead_update_: one parallel region over every tensor of a call.
+//
+// ATen's foreach ops and fused optimizers fork and join the thread pool once per tensor, so a model
+// with thousands of small parameters pays that start-up thousands of times. Here the contiguous
+// tensor pairs form one flattened index space (prefix sums of their sizes) that at::parallel_for
+// splits once; each thread walks the tensors its range overlaps with plain contiguous loops that the
+// compiler vectorises. Tensors that are not contiguous go through ATen's lerp_/copy_ one by one.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dtype_pairs.h"
+#include "../lerp.h"
+#include "../op_contract.h"
+
+// The fused multiply-add must be an instruction, not a libm call, for the loop to stay memory-bound;
+// binaries are built for baseline x86-64, so the fused loops alone are compiled for AVX2+FMA and are
+// only chosen when torch itself runs its AVX2/AVX512 kernels (which implies the CPU has FMA).
+#if defined(__x86_64__) || defined(_M_X64)
+#define LOOKAHEAD_FMA_TARGET __attribute__((target("avx2,fma")))
+#else
+#define LOOKAHEAD_FMA_TARGET
+#endif
+
+namespace lookahead {
+namespace {
+
+// Elements per task: large enough that a task's start-up is noise next to streaming its memory.
+constexpr int64_t kGrainSize = 32768;
+
+// Contiguous, non-empty tensor pairs laid end to end.
+struct FlatIndex {
+  std::vector<void*> slow;
+  std::vector<void*> fast;
+  std::vector<int64_t> begin{0};  // begin[i]: flat index of tensor i's first element; back(): total
+
+  void add(const at::Tensor& s, const at::Tensor& f) {
+    slow.push_back(s.data_ptr());
+    fast.push_back(f.data_ptr());
+    begin.push_back(begin.back() + s.numel());
+  }
+  int64_t size() const { return begin.back(); }
+};
+
+template <bool kFused, bool kSmall, typename S, typename F, typename opmath_t>
+C10_ALWAYS_INLINE void update_loop(S* __restrict__ slow, F* __restrict__ fast, int64_t n,
+                                   opmath_t coeff) {
+  for (int64_t i = 0; i < n; ++i) {
+    const S r = static_cast<S>(lerp<kFused, kSmall>(static_cast<opmath_t>(slow[i]),
+                                                    static_cast<opmath_t>(fast[i]), coeff));
+    slow[i] = r;
+    fast[i] = static_cast<F>(r);
+  }
+}
+
+template <bool kSmall, typename S, typename F, typename opmath_t>
+LOOKAHEAD_FMA_TARGET void update_fused(S* slow, F* fast, int64_t n, opmath_t coeff) {
+  update_loop<true, kSmall>(slow, fast, n, coeff);
+}
+
+template <bool kSmall, typename S, typename F, typename opmath_t>
+void update_unfused(S* slow, F* fast, int64_t n, opmath_t coeff) {
+  update_loop<false, kSmall>(slow, fast, n, coeff);
+}
+
+// Whether torch.lerp on this CPU rounds its multiply-add once (see lerp.h).
+bool torch_lerp_is_fused() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool fused = at::get_cpu_capability() != "DEFAULT";
+  return fused;
+#else
+  return true;  // the vector units of aarch64, POWER and s390x multiply-add in one rounding
+#endif
+}
+
+template <typename S, typename F>
+void update_flat(const FlatIndex& index, double alpha) {
+  using opmath_t = at::opmath_type<S>;
+  const LerpWeight<opmath_t> weight(alpha);
+  // The weight's branch and the rounding mode are uniform over the call: pick the loop once.
+  using Loop = void (*)(S*, F*, int64_t, opmath_t);
+  Loop loop;
+  if (torch_lerp_is_fused()) {
+    loop = weight.small ? update_fused<true, S, F, opmath_t> : update_fused<false, S, F, opmath_t>;
+  } else {
+    loop = weight.small ? update_unfused<true, S, F, opmath_t>
+                        : update_unfused<false, S, F, opmath_t>;
+  }
+  at::parallel_for(0, index.size(), kGrainSize, [&](int64_t begin, int64_t end) {
+    auto t = std::upper_bound(index.begin.begin(), index.begin.end(), begin) - index.begin.begin() - 1;
+    while (begin < end) {
+      const int64_t stop = std::min(end, index.begin[t + 1]);
+      const int64_t offset = begin - index.begin[t];
+      loop(static_cast<S*>(index.slow[t]) + offset, static_cast<F*>(index.fast[t]) + offset,
+           stop - begin, weight.coeff);
+      begin = stop;
+      ++t;
+    }
+  });
+}
+
+void lookahead_update_cpu(at::TensorList slow, at::TensorList fast, double alpha) {
+  check_lookahead_inputs(slow, fast, alpha);
+  if (slow.empty()) return;
+
+  FlatIndex index;
+  std::vector<size_t> strided;
+  for (size_t i = 0; i < slow.size(); ++i) {
+    if (slow[i].numel() == 0) continue;
+    if (slow[i].is_contiguous() && fast[i].is_contiguous()) {
+      index.add(slow[i], fast[i]);
+    } else {
+      strided.push_back(i);
+    }
+  }
+  if (index.size() > 0) {
+    dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
+      update_flat<typename decltype(s)::type, typename decltype(f)::type>(index, alpha);
+    });
+  }
+  if (!strided.empty()) {
+    // Below autograd: these are parameters being overwritten, not a differentiable computation.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (const size_t i : strided) {
+      slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
+      fast[i].copy_(slow[i]);
+    }
+  }
+  bump_versions(slow, fast);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lookahead_cuda, CPU, m) {
+  m.impl("lookahead_update_", &lookahead_update_cpu);
+}
+
+// Sparse tensors dispatch here rather than to CPU; the validation rejects them with a clear message.
+TORCH_LIBRARY_IMPL(lookahead_cuda, SparseCPU, m) {
+  m.impl("lookahead_update_", &lookahead_update_cpu);
+}
+
+}  // namespace lookahead

@@ -1,0 +1,110 @@
+// CUDA backend of lookahead_update_: every tensor pair of a call in one multi-tensor launch.
+//
+// ATen's _foreach_lerp_ followed by _foreach_copy_ reads fast twice and launches twice per group of
+// tensors; here each element is read once and written once per list (4 passes over memory, not 5).
+// Tensor pairs that are flat arrays with the same element order go through multi_tensor_apply.cuh;
+// any other layout goes through ATen's lerp_/copy_ one tensor at a time, as on the CPU.
+#include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../dtype_pairs.h"
+#include "../lerp.h"
+#include "../op_contract.h"
+#include "multi_tensor_apply.cuh"
+
+namespace lookahead {
+namespace {
+
+// One element of the sync, rounded as slow.lerp_(fast, alpha); fast.copy_(slow) round it. CUDA's
+// torch.lerp is compiled with FMA contraction, so the multiply-add is always fused here.
+template <typename S, typename F, bool kSmall>
+struct LookaheadStep {
+  using opmath_t = at::opmath_type<S>;
+  opmath_t coeff;
+
+  __device__ __forceinline__ void operator()(S& slow, F& fast) const {
+    const S r = static_cast<S>(lerp<true, kSmall>(static_cast<opmath_t>(slow),
+                                                  static_cast<opmath_t>(fast), coeff));
+    slow = r;
+    fast = static_cast<F>(r);
+  }
+};
+
+template <typename S, typename F>
+void update_flat(const std::vector<mta::FlatPair>& pairs, double alpha, cudaStream_t stream,
+                 int device) {
+  using opmath_t = at::opmath_type<S>;
+  const LerpWeight<opmath_t> weight(alpha);
+  // The weight's branch is uniform over the call: a template argument, not a per-element test.
+  if (weight.small) {
+    mta::apply_pairwise<S, F>(pairs, LookaheadStep<S, F, true>{weight.coeff}, stream, device);
+  } else {
+    mta::apply_pairwise<S, F>(pairs, LookaheadStep<S, F, false>{weight.coeff}, stream, device);
+  }
+}
+
+// Whether both tensors are dense blocks of memory whose elements pair up at equal offsets, so the
+// kernel can treat them as flat arrays (contiguous, channels_last, any permutation alike). A
+// dimension of size 1 is never stepped over, so its stride does not matter.
+bool same_flat_layout(const at::Tensor& slow, const at::Tensor& fast) {
+  if (!slow.is_non_overlapping_and_dense() || !fast.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < slow.dim(); ++d) {
+    if (slow.size(d) != 1 && slow.stride(d) != fast.stride(d)) return false;
+  }
+  return true;
+}
+
+void lookahead_update_cuda(at::TensorList slow, at::TensorList fast, double alpha) {
+  check_lookahead_inputs(slow, fast, alpha);
+  if (slow.empty()) return;
+
+  const c10::cuda::OptionalCUDAGuard device_guard(slow[0].device());
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+
+  std::vector<mta::FlatPair> flat;
+  std::vector<size_t> strided;
+  flat.reserve(slow.size());
+  for (size_t i = 0; i < slow.size(); ++i) {
+    if (slow[i].numel() == 0) continue;
+    if (same_flat_layout(slow[i], fast[i])) {
+      // With non-negative strides, a dense tensor's first element is its lowest address.
+      flat.push_back({slow[i].data_ptr(), fast[i].data_ptr(), slow[i].numel()});
+    } else {
+      strided.push_back(i);
+    }
+  }
+  if (!flat.empty()) {
+    dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
+      update_flat<typename decltype(s)::type, typename decltype(f)::type>(
+          flat, alpha, stream.stream(), stream.device_index());
+    });
+  }
+  if (!strided.empty()) {
+    // Below autograd: these are parameters being overwritten, not a differentiable computation.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (const size_t i : strided) {
+      slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
+      fast[i].copy_(slow[i]);
+    }
+  }
+  bump_versions(slow, fast);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lookahead_cuda, CUDA, m) {
+  m.impl("lookahead_update_", &lookahead_update_cuda);
+}
+
+// Sparse tensors dispatch here rather than to CUDA; the validation rejects them with a clear message.
+TORCH_LIBRARY_IMPL(lookahead_cuda, SparseCUDA, m) {
+  m.impl("lookahead_update_", &lookahead_update_cuda);
+}
+
+}  // namespace lookahead

@@ -1,0 +1,107 @@
+"""Python face of the compiled op ``torch.ops.lookahead_cuda.lookahead_update_``.
+
+Holds the op's fake kernel (for torch.compile and meta tensors) and the foreach fallback used on
+devices for which no kernel was compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lookahead_cuda import _C
+
+_BUILD_INFO: dict[str, Any] = dict(_C.build_info())
+
+# Device types with a compiled kernel (meta: the fake kernel below). A constant, so torch.compile
+# folds the choice away.
+_KERNEL_DEVICE_TYPES = frozenset({"cpu", "meta", *(("cuda",) if _BUILD_INFO["cuda"] else ())})
+
+
+# The (slow, fast) dtype pairs the kernels accept (csrc/dtype_pairs.h).
+SUPPORTED_DTYPE_PAIRS = (
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+)
+
+
+def build_info() -> dict[str, Any]:
+    """How the extension was compiled: ``{"torch": version, "cuda": bool, "openmp": bool}``."""
+    return dict(_BUILD_INFO)
+
+
+@torch.library.register_fake("lookahead_cuda::lookahead_update_")
+def _lookahead_update_fake(
+    slow: list[torch.Tensor], fast: list[torch.Tensor], alpha: float
+) -> None:
+    # Meta tensors outrank every backend in dispatch, so a call mixing devices with "meta" lands
+    # here rather than in a kernel's validation: check what can be checked without data.
+    _check_pairing(slow, fast, alpha)
+    for name, tensors in (("slow", slow), ("fast", fast)):
+        for i, t in enumerate(tensors):
+            if t.device != slow[0].device:
+                raise ValueError(
+                    f"lookahead_update_: {name}[{i}] is on {t.device} but slow[0] is on "
+                    f"{slow[0].device}; all tensors of a call must be on one device"
+                )
+
+
+def _check_pairing(
+    slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float
+) -> None:
+    if len(slow) != len(fast):
+        raise ValueError(
+            f"lookahead_update_: slow has {len(slow)} tensors but fast has {len(fast)}; "
+            "the lists pair up element by element"
+        )
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"lookahead_update_: alpha must be in (0, 1], got {alpha}")
+
+
+def lookahead_update_(
+    slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float
+) -> None:
+    """Lookahead's slow update, in place, for every pair ``(slow[i], fast[i])``::
+
+        slow[i].lerp_(fast[i], alpha)   # slow <- slow + alpha * (fast - slow)
+        fast[i].copy_(slow[i])          # fast weights restart from the slow ones
+
+    One fused pass over memory (two reads, two writes per element), bitwise equal to the two torch
+    ops above; for fp32 ``slow`` with fp16/bf16 ``fast``, the lerp runs in fp32 on the upcast fast
+    weight and the result is rounded into ``fast``.
+
+    Args:
+        slow: slow weights, updated in place.
+        fast: fast weights (usually the parameters), overwritten with the new slow weights.
+        alpha: the slow-weights step size, in (0, 1].
+
+    All tensors must be on one device, dense, pairwise of equal shape, share no memory, and form one
+    (slow, fast) dtype pair: (f32, f32), (f64, f64), (f16, f16), (bf16, bf16), (f32, f16) or
+    (f32, bf16). Call it under ``torch.no_grad()`` when ``fast`` holds parameters. A rejected call
+    raises ``ValueError``/``TypeError`` naming the offending index and changes nothing.
+    """
+    if len(slow) == 0 and len(fast) == 0:
+        return
+    device_type = (slow[0] if len(slow) else fast[0]).device.type
+    if device_type in _KERNEL_DEVICE_TYPES:
+        torch.ops.lookahead_cuda.lookahead_update_(list(slow), list(fast), alpha)
+    else:
+        foreach_update_(slow, fast, alpha)
+
+
+def foreach_update_(
+    slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float
+) -> None:
+    """The same update with torch's foreach ops (five passes over memory and, for mixed dtypes, a
+    cast of every fast tensor): the fallback for devices without a kernel, and a benchmark baseline.
+    """
+    _check_pairing(slow, fast, alpha)
+    fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
+    torch._foreach_lerp_(list(slow), fast_as_slow, alpha)
+    torch._foreach_copy_(list(fast), list(slow))

@@ -1,0 +1,536 @@
+"""The Lookahead optimizer: k steps forward with any inner optimizer, then one step back."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS, lookahead_update_
+
+# Lookahead's settings live in every param group next to the inner optimizer's hyperparameters
+# (prefixed: RMSprop already has an `alpha`), so they can differ per group, are changed the way a
+# scheduler changes `lr`, and travel with state_dict().
+K = "lookahead_k"
+ALPHA = "lookahead_alpha"
+INNER_STATE = "lookahead_inner_state"
+SLOW_DTYPE = "lookahead_slow_dtype"
+
+# Per-parameter entries that Lookahead adds to state_dict()["state"][i], beside the inner state.
+STATE_PREFIX = "lookahead_"
+
+INNER_STATE_MODES = ("keep", "reset", "pullback")
+SLOW_DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# First-moment buffers that "pullback" interpolates: SGD and RMSprop keep `momentum_buffer` (when
+# momentum > 0); Adam, AdamW, Adamax, NAdam and RAdam keep `exp_avg`.
+FIRST_MOMENT_BUFFERS = ("momentum_buffer", "exp_avg")
+_WITHOUT_FIRST_MOMENT = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adagrad", "Adadelta", "Rprop", "ASGD", "LBFGS", "Adafactor")
+    if hasattr(torch.optim, name)
+)
+
+# (device, slow dtype, fast dtype), or with the alpha in front when groups are merged for a call.
+_Buckets = dict[tuple[Any, ...], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+def _check_settings(settings: Mapping[str, Any], where: str) -> None:
+    k = settings[K]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid k in {where}: {k!r}; expected an integer >= 1")
+    alpha = settings[ALPHA]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"Invalid alpha in {where}: {alpha!r}; expected a number in (0, 1]")
+    if settings[INNER_STATE] not in INNER_STATE_MODES:
+        raise ValueError(
+            f"Invalid inner_state in {where}: {settings[INNER_STATE]!r}; "
+            f"expected one of {INNER_STATE_MODES}"
+        )
+    if settings[SLOW_DTYPE] not in SLOW_DTYPES:
+        raise ValueError(
+            f"Invalid slow_dtype in {where}: {settings[SLOW_DTYPE]!r}; expected None, "
+            "torch.float32, torch.float64, torch.float16 or torch.bfloat16"
+        )
+
+
+def _slow_dtype(group: Mapping[str, Any], tensor: torch.Tensor) -> torch.dtype:
+    return group[SLOW_DTYPE] or tensor.dtype
+
+
+def _swap_(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange two same-dtype tensors' values in place through a temporary of one tensor."""
+    temporary = a.clone()
+    a.copy_(b)
+    b.copy_(temporary)
+
+
+class Lookahead(Optimizer):
+    r"""Lookahead (Zhang et al., 2019): k steps forward with ``optimizer``, then one step back.
+
+    Every ``k`` steps of the inner optimizer, the slow weights move toward the fast ones and the
+    fast weights restart from them::
+
+        slow <- slow + alpha * (fast - slow)
+        fast <- slow
+
+    Both happen in one fused kernel call per (device, dtype pair) for all parameters. The slow
+    weights are copied from the parameters at the first :meth:`step`, so weights loaded after
+    construction are what Lookahead starts from.
+
+    Args:
+        optimizer (Optimizer): the inner optimizer. Lookahead shares its ``param_groups`` and
+            ``state`` (``opt.state[p]["exp_avg"]`` is the inner optimizer's buffer), so LR
+            schedulers, ``zero_grad`` and ``add_param_group`` behave as with the inner optimizer
+            alone.
+        k (int, optional): inner steps between two slow updates (default: 5).
+        alpha (float, optional): slow-weights step size, in (0, 1] (default: 0.5).
+        inner_state (str, optional): what happens to the inner optimizer's per-parameter state at
+            each slow update (default: ``"keep"``):
+
+            * ``"keep"``: nothing (the paper's default);
+            * ``"reset"``: dropped, as if the inner optimizer started afresh;
+            * ``"pullback"``: each first-moment buffer (``momentum_buffer`` of SGD and RMSprop
+              with momentum, ``exp_avg`` of Adam, AdamW, Adamax, NAdam and RAdam) is interpolated
+              with ``alpha`` toward its own slow copy, which starts at zero and is then set to the
+              result, in the same fused call as the weights. Optimizers without a first moment
+              (Adagrad, Adadelta, Rprop, ASGD, LBFGS, Adafactor) are rejected.
+        slow_dtype (torch.dtype, optional): dtype of the slow weights; ``None`` keeps each
+            parameter's dtype, ``torch.float32`` keeps fp32 slow weights (and fp32 slow copies of
+            pulled-back buffers) for fp16/bf16 parameters (default: None).
+
+    ``k``, ``alpha``, ``inner_state`` and ``slow_dtype`` are stored in every param group as
+    ``lookahead_k``, ``lookahead_alpha``, ``lookahead_inner_state`` and ``lookahead_slow_dtype``;
+    set them per group there, or for all groups through the attributes of the same names. The step
+    count since the last slow update is a tensor in :attr:`lookahead_state`, as torch.optim keeps
+    ``step``. Parameters without a gradient still take part in slow updates (their slow weights
+    simply equal the fast ones).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        k: int = 5,
+        alpha: float = 0.5,
+        inner_state: str = "keep",
+        slow_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, Lookahead):
+            raise TypeError("Lookahead cannot wrap another Lookahead")
+        settings = {K: k, ALPHA: alpha, INNER_STATE: inner_state, SLOW_DTYPE: slow_dtype}
+        _check_settings(settings, "Lookahead()")
+        if inner_state == "pullback" and isinstance(optimizer, _WITHOUT_FIRST_MOMENT):
+            raise ValueError(
+                f"inner_state='pullback' interpolates first-moment buffers "
+                f"({', '.join(FIRST_MOMENT_BUFFERS)}), and {type(optimizer).__name__} keeps none; "
+                "use 'keep' or 'reset'"
+            )
+        for group in optimizer.param_groups:
+            _check_settings({**settings, **group}, "a param group of the inner optimizer")
+
+        self.optimizer = optimizer
+        self._settings = settings
+        #: Lookahead's own per-parameter state: ``slow_param``, the pullback buffers' slow copies
+        #: (``slow_exp_avg``, ...), and in each group's first parameter the ``step`` counter.
+        self.lookahead_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._needs_slow_weights = True
+        self._bucket_cache: dict[int, _Buckets] = {}
+        # GradScaler unscales and skips steps itself for optimizers that say so (fused Adam, ...);
+        # mirroring the flag keeps such an inner optimizer on its fast path.
+        self._step_supports_amp_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
+        # Optimizer.__init__ installs the hooks machinery and re-adds every group through
+        # add_param_group; while adopting, that only gives the inner groups Lookahead's settings.
+        self._adopting = True
+        super().__init__(optimizer.param_groups, {**optimizer.defaults, **settings})
+        self._adopting = False
+
+    # The inner optimizer owns param_groups and state; Lookahead's views follow it even when the
+    # inner optimizer replaces them (its load_state_dict does).
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        if not self._adopting:
+            self.optimizer.param_groups = groups
+
+    @property  # type: ignore[override]
+    def state(self) -> defaultdict[torch.Tensor, Any]:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: defaultdict[torch.Tensor, Any]) -> None:
+        if not self._adopting:
+            self.optimizer.state = state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_bucket_cache"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return (
+            f"Lookahead(k={self._settings[K]}, alpha={self._settings[ALPHA]}, "
+            f"inner_state={self._settings[INNER_STATE]!r}, "
+            f"slow_dtype={self._settings[SLOW_DTYPE]},\n{inner}\n)"
+        )
+
+    # -- settings -----------------------------------------------------------------------------
+
+    def _common_setting(self, key: str) -> Any:
+        values = {group[key] for group in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(
+                f"param groups have different {key} values {sorted(map(str, values))}; "
+                f"read them per group: opt.param_groups[i][{key!r}]"
+            )
+        return values.pop() if values else self._settings[key]
+
+    def _set_for_all_groups(self, key: str, value: Any) -> None:
+        _check_settings(
+            {**self._settings, key: value}, f"Lookahead.{key.removeprefix('lookahead_')}"
+        )
+        self._settings[key] = value
+        for group in self.param_groups:
+            group[key] = value
+        self._bucket_cache.clear()
+
+    @property
+    def k(self) -> int:
+        """Inner steps between slow updates, for all param groups."""
+        return self._common_setting(K)
+
+    @k.setter
+    def k(self, value: int) -> None:
+        self._set_for_all_groups(K, value)
+
+    @property
+    def alpha(self) -> float:
+        """Slow-weights step size in (0, 1], for all param groups."""
+        return self._common_setting(ALPHA)
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._set_for_all_groups(ALPHA, value)
+
+    @property
+    def inner_state(self) -> str:
+        """What a slow update does to the inner optimizer's state: keep, reset or pullback."""
+        return self._common_setting(INNER_STATE)
+
+    @inner_state.setter
+    def inner_state(self, value: str) -> None:
+        self._set_for_all_groups(INNER_STATE, value)
+
+    @property
+    def slow_dtype(self) -> torch.dtype | None:
+        """Dtype of slow weights taken from now on (None: each parameter's own)."""
+        return self._common_setting(SLOW_DTYPE)
+
+    @slow_dtype.setter
+    def slow_dtype(self, value: torch.dtype | None) -> None:
+        self._set_for_all_groups(SLOW_DTYPE, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the inner optimizer; Lookahead settings the group does not name
+        default to the constructor's. Its slow weights are taken at the next :meth:`step`."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        _check_settings({**self._settings, **param_group}, "the new param group")
+        for key, value in self._settings.items():
+            param_group.setdefault(key, value)
+        if not self._adopting:
+            self.optimizer.add_param_group(param_group)
+        self._needs_slow_weights = True
+        self._bucket_cache.clear()
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One inner step; every k-th, the slow update.
+
+        Under ``torch.amp.GradScaler`` a skipped step (inf/NaN gradients) does not count toward k.
+        """
+        for group in self.param_groups:
+            _check_settings(group, "a param group")
+        self._take_slow_weights()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            loss = self.optimizer.step(closure)
+        else:
+            # GradScaler hands an amp-aware optimizer its scale and inf flag as attributes.
+            self.optimizer.grad_scale = getattr(self, "grad_scale", None)
+            self.optimizer.found_inf = found_inf
+            try:
+                loss = self.optimizer.step(closure)
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        with torch.no_grad():
+            self._count_step(found_inf)
+        return loss
+
+    def _count_step(self, found_inf: torch.Tensor | None) -> None:
+        due = []
+        for group in self.param_groups:
+            if not group["params"]:
+                continue
+            counter = self._counter(group)
+            if found_inf is None:
+                counter += 1
+            else:
+                counter += 1 - found_inf.to(counter.device, counter.dtype)
+            if counter >= group[K]:
+                due.append(group)
+        if due:
+            self._slow_update(due)
+
+    def sync(self) -> None:
+        """Run the slow update now for every param group, and restart their k counts."""
+        with torch.no_grad():
+            self._take_slow_weights()
+            self._slow_update([group for group in self.param_groups if group["params"]])
+
+    def _counter(self, group: Mapping[str, Any]) -> torch.Tensor:
+        # Kept with the group's first parameter, as torch.optim.LBFGS keeps its global state, so
+        # that state_dict() stays in torch.optim's layout (parameter index -> tensors).
+        return self.lookahead_state[group["params"][0]]["step"]
+
+    @torch.no_grad()
+    def _take_slow_weights(self) -> None:
+        if not self._needs_slow_weights:
+            return
+        missing = []
+        for index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                if "slow_param" not in self.lookahead_state[param]:
+                    dtype = _slow_dtype(group, param)
+                    _check_dtype_pair(dtype, param.dtype, f"param group {index}")
+                    missing.append((param, dtype))
+        for param, dtype in missing:
+            self.lookahead_state[param]["slow_param"] = param.detach().to(dtype, copy=True)
+        for group in self.param_groups:
+            if group["params"]:
+                self.lookahead_state[group["params"][0]].setdefault(
+                    "step", torch.zeros((), dtype=torch.float32)
+                )
+        self._needs_slow_weights = False
+        self._bucket_cache.clear()
+
+    def _slow_update(self, groups: list[dict[str, Any]]) -> None:
+        merged: _Buckets = {}
+        for group in groups:
+            for key, (slow, fast) in self._buckets(group).items():
+                into = merged.setdefault((group[ALPHA], *key), ([], []))
+                into[0].extend(slow)
+                into[1].extend(fast)
+        try:
+            for (alpha, *_), (slow, fast) in merged.items():
+                lookahead_update_(slow, fast, alpha)
+        except (RuntimeError, TypeError, ValueError):
+            # A rejected call changed nothing. If parameters moved (model.to(...)) since the slow
+            # weights were taken, follow them and try again; otherwise the error is the user's.
+            if not self._follow_parameters():
+                raise
+            self._slow_update(groups)
+            return
+        for group in groups:
+            self._counter(group).zero_()
+            if group[INNER_STATE] == "reset":
+                for param in group["params"]:
+                    self.optimizer.state.pop(param, None)
+
+    def _buckets(self, group: dict[str, Any]) -> _Buckets:
+        """The group's (slow, fast) pairs keyed by (device, slow dtype, fast dtype)."""
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        weights = self._bucket_cache.get(index)
+        if weights is None:
+            weights = _bucketed((self.lookahead_state[p]["slow_param"], p) for p in group["params"])
+            self._bucket_cache[index] = weights
+        if group[INNER_STATE] != "pullback":
+            return weights
+        # The inner optimizer creates its buffers lazily (a parameter without a gradient has none
+        # yet), so buffer pairs are collected at each slow update instead of cached.
+        return _bucketed(
+            [pair for key in weights for pair in zip(*weights[key])] + self._pullback_pairs(group)
+        )
+
+    def _pullback_pairs(self, group: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = []
+        for param in group["params"]:
+            inner = self.optimizer.state.get(param)
+            if not inner:
+                continue
+            ours = self.lookahead_state[param]
+            for name in FIRST_MOMENT_BUFFERS:
+                buffer = inner.get(name)
+                if not isinstance(buffer, torch.Tensor):
+                    continue
+                slow = ours.get("slow_" + name)
+                if slow is None or slow.shape != buffer.shape or slow.device != buffer.device:
+                    slow = torch.zeros_like(buffer, dtype=_slow_dtype(group, buffer))
+                    ours["slow_" + name] = slow
+                pairs.append((slow, buffer))
+        return pairs
+
+    def _follow_parameters(self) -> bool:
+        """Move slow weights to their parameter's device (and a usable dtype); True if any moved."""
+        moved = False
+        for group in self.param_groups:
+            for param in group["params"]:
+                ours = self.lookahead_state.get(param, {})
+                slow = ours.get("slow_param")
+                if slow is None:
+                    continue
+                dtype = slow.dtype
+                if (dtype, param.dtype) not in SUPPORTED_DTYPE_PAIRS:
+                    dtype = _slow_dtype(group, param)
+                if slow.device != param.device or slow.dtype != dtype:
+                    ours["slow_param"] = slow.to(param.device, dtype)
+                    moved = True
+        if moved:
+            self._bucket_cache.clear()
+        return moved
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, with Lookahead's per-parameter tensors added to each
+        parameter's entry under ``lookahead_``-prefixed keys (``lookahead_slow_param``, ...) and
+        its settings in every param group: torch.optim's layout, so tools that map parameter
+        indices (distributed checkpointing) handle it like any optimizer's."""
+        state_dict = self.optimizer.state_dict()
+        index: dict[int, int] = {}
+        for param in (p for group in self.param_groups for p in group["params"]):
+            index.setdefault(id(param), len(index))
+        state = {key: dict(entry) for key, entry in state_dict["state"].items()}
+        for param, ours in self.lookahead_state.items():
+            if ours and id(param) in index:
+                entry = state.setdefault(index[id(param)], {})
+                entry.update({STATE_PREFIX + name: value for name, value in ours.items()})
+        return {"state": state, "param_groups": state_dict["param_groups"]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or from the bare inner optimizer, in which
+        case slow weights are taken afresh at the next step). Slow weights land on their
+        parameter's device; the whole dict is validated before anything changes."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} param groups, "
+                f"the optimizer has {len(self.param_groups)}"
+            )
+        groups = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded param group {index} has {len(saved['params'])} parameters, "
+                    f"the optimizer's has {len(group['params'])}"
+                )
+            merged = {**{key: group[key] for key in self._settings}, **saved}
+            _check_settings(merged, f"loaded param group {index}")
+            groups.append(merged)
+        group_of = [group for group in groups for _ in group["params"]]
+
+        inner_state: dict[Any, dict[str, Any]] = {}
+        ours: dict[int, dict[str, torch.Tensor]] = {}
+        for key, entry in state_dict["state"].items():
+            inner_state[key] = {k: v for k, v in entry.items() if not k.startswith(STATE_PREFIX)}
+            mine = {
+                k[len(STATE_PREFIX) :]: v for k, v in entry.items() if k.startswith(STATE_PREFIX)
+            }
+            if not mine:
+                continue
+            if not isinstance(key, int) or not 0 <= key < len(params):
+                raise ValueError(f"loaded Lookahead state for unknown parameter index {key!r}")
+            slow = mine.get("slow_param")
+            if slow is not None and slow.shape != params[key].shape:
+                raise ValueError(
+                    f"loaded slow weights of parameter {key} have shape {tuple(slow.shape)}, "
+                    f"the parameter has shape {tuple(params[key].shape)}"
+                )
+            ours[key] = mine
+
+        self.optimizer.load_state_dict({"state": inner_state, "param_groups": groups})
+        self.lookahead_state = defaultdict(dict)
+        for key, mine in ours.items():
+            param, group = params[key], group_of[key]
+            entry = self.lookahead_state[param]
+            for name, value in mine.items():
+                if name == "step":
+                    entry[name] = value.detach().to("cpu", torch.float32, copy=True)
+                elif name == "slow_param":
+                    dtype = value.dtype
+                    if (dtype, param.dtype) not in SUPPORTED_DTYPE_PAIRS:
+                        dtype = _slow_dtype(group, param)
+                    entry[name] = value.detach().to(param.device, dtype, copy=True)
+                else:
+                    entry[name] = value.detach().to(param.device, copy=True)
+        self._needs_slow_weights = True
+        self._bucket_cache.clear()
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def slow_weights(self) -> Iterator[None]:
+        """Inside the block the parameters hold the slow weights; on exit the fast weights return.
+
+        Same-dtype parameters exchange values with their slow copies in place, one tensor at a time
+        (no copy of the model is made, and parameters keep their storage). fp32 slow weights of
+        fp16/bf16 parameters are rounded into the parameters, whose fast values wait meanwhile in a
+        copy of the parameter dtype. Do not step the optimizer inside the block.
+        """
+        done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        try:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for param in group["params"]:
+                        slow = self.lookahead_state.get(param, {}).get("slow_param")
+                        if slow is None:
+                            continue
+                        if slow.dtype == param.dtype:
+                            _swap_(param, slow)
+                            done.append((param, slow, None))
+                        else:
+                            stash = param.detach().clone()
+                            param.copy_(slow)
+                            done.append((param, slow, stash))
+            yield
+        finally:
+            with torch.no_grad():
+                for param, slow, stash in reversed(done):
+                    if stash is None:
+                        _swap_(param, slow)
+                    else:
+                        param.copy_(stash)
+
+
+def _check_dtype_pair(slow: torch.dtype, fast: torch.dtype, where: str) -> None:
+    if (slow, fast) not in SUPPORTED_DTYPE_PAIRS:
+        raise ValueError(
+            f"slow_dtype {slow} cannot hold Lookahead's slow weights of a {fast} parameter in "
+            f"{where}; supported (slow, parameter) dtypes: "
+            + ", ".join(f"({a}, {b})" for a, b in SUPPORTED_DTYPE_PAIRS)
+        )
+
+
+def _bucketed(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> _Buckets:
+    buckets: _Buckets = {}
+    for slow, fast in pairs:
+        slows, fasts = buckets.setdefault((fast.device, slow.dtype, fast.dtype), ([], []))
+        slows.append(slow)
+        fasts.append(fast)
+    return buckets

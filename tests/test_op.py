@@ -1,0 +1,222 @@
+"""torch.ops.lookahead_cuda.lookahead_update_ on the CPU against torch's own lerp_/copy_."""
+
+import pytest
+import torch
+from conftest import DTYPE_PAIRS, reference_update_
+
+import lookahead_cuda
+from lookahead_cuda.ops import foreach_update_
+
+op = torch.ops.lookahead_cuda.lookahead_update_
+ALPHAS = [0.5, 0.3, 0.8, 1.0, 0.49999999]
+
+
+def random_lists(shapes, slow_dtype, fast_dtype):
+    slow = [torch.randn(shape, dtype=torch.float64).to(slow_dtype) for shape in shapes]
+    fast = [torch.randn(shape, dtype=torch.float64).to(fast_dtype) for shape in shapes]
+    return slow, fast
+
+
+def expected(slow, fast, alpha):
+    slow_ref = [s.clone() for s in slow]
+    fast_ref = [f.clone() for f in fast]
+    reference_update_(slow_ref, fast_ref, alpha)
+    return slow_ref, fast_ref
+
+
+def assert_bitwise(actual, expected_):
+    assert len(actual) == len(expected_)
+    for i, (a, e) in enumerate(zip(actual, expected_)):
+        assert a.dtype == e.dtype and a.shape == e.shape, i
+        assert torch.equal(a.contiguous().view(torch.uint8), e.contiguous().view(torch.uint8)), i
+
+
+@pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("numel", [0, 1, 7, 4097, 65537])
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_matches_torch_lerp_bitwise(slow_dtype, fast_dtype, numel, alpha):
+    slow, fast = random_lists([(numel,)], slow_dtype, fast_dtype)
+    slow_ref, fast_ref = expected(slow, fast, alpha)
+    lookahead_cuda.lookahead_update_(slow, fast, alpha)
+    assert_bitwise(slow, slow_ref)
+    assert_bitwise(fast, fast_ref)
+
+
+@pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("count", [1, 2, 3, 100, 3000])
+def test_many_tensors_one_call(slow_dtype, fast_dtype, count):
+    sizes = torch.randint(0, 3000, (count,)).tolist()
+    slow, fast = random_lists([(n,) for n in sizes], slow_dtype, fast_dtype)
+    slow_ref, fast_ref = expected(slow, fast, 0.5)
+    op(slow, fast, 0.5)
+    assert_bitwise(slow, slow_ref)
+    assert_bitwise(fast, fast_ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_any_thread_count_writes_every_element(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # Spans the grain size many times over, with boundaries that fall inside tensors.
+        slow, fast = random_lists(
+            [(70001,), (3,), (150000,), (1,), (32768,)], torch.float32, torch.float32
+        )
+        slow_ref, fast_ref = expected(slow, fast, 0.7)
+        op(slow, fast, 0.7)
+        assert_bitwise(slow, slow_ref)
+        assert_bitwise(fast, fast_ref)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_multidimensional_and_non_contiguous_tensors():
+    base_slow, base_fast = random_lists(
+        [(64, 48), (33, 39), (10, 10, 10)], torch.float32, torch.float32
+    )
+    # Transposed pairs (dense, equal strides), strided column slices, and differing layouts.
+    slow = [base_slow[0].t(), base_slow[1][:, ::3], base_slow[2]]
+    fast = [
+        base_fast[0].t(),
+        base_fast[1][:, 1::3],
+        base_fast[2].permute(2, 0, 1).contiguous().permute(1, 2, 0),
+    ]
+    untouched = base_fast[1][:, 0].clone()
+    slow_ref, fast_ref = expected(slow, fast, 0.25)
+    op(slow, fast, 0.25)
+    assert_bitwise(slow, slow_ref)
+    assert_bitwise(fast, fast_ref)
+    assert torch.equal(base_fast[1][:, 0], untouched)
+
+
+def test_bumps_version_counters():
+    slow, fast = random_lists([(5,), (0,)], torch.float32, torch.float32)
+    before = [t._version for t in slow + fast]
+    op(slow, fast, 0.5)
+    assert all(t._version > v for t, v in zip(slow + fast, before))
+
+
+def test_foreach_fallback_is_the_same_update():
+    for slow_dtype, fast_dtype in DTYPE_PAIRS:
+        slow, fast = random_lists([(33,), (4097,)], slow_dtype, fast_dtype)
+        slow_ref, fast_ref = expected(slow, fast, 0.3)
+        foreach_update_(slow, fast, 0.3)
+        assert_bitwise(slow, slow_ref)
+        assert_bitwise(fast, fast_ref)
+
+
+def test_opcheck():
+    slow, fast = random_lists([(3, 5), (17,)], torch.float32, torch.float32)
+    torch.library.opcheck(op, (slow, fast, 0.5))
+    slow, fast = random_lists([(3, 5), (17,)], torch.float32, torch.bfloat16)
+    torch.library.opcheck(op, (slow, fast, 0.25))
+
+
+def test_compiles_without_graph_breaks():
+    def update(slow, fast):
+        op(slow, fast, 0.5)
+
+    compiled = torch.compile(update, fullgraph=True, backend="aot_eager")
+    slow, fast = random_lists([(8,), (3, 3)], torch.float32, torch.float32)
+    slow_ref, fast_ref = expected(slow, fast, 0.5)
+    compiled(slow, fast)
+    assert_bitwise(slow, slow_ref)
+    assert_bitwise(fast, fast_ref)
+
+
+# -- bad input: a clear error naming what is wrong, and nothing modified ------------------------
+
+
+def rejected(slow, fast, alpha, error, match):
+    with_data = [t for t in list(slow) + list(fast) if t.layout == torch.strided and not t.is_meta]
+    before = [t.clone() for t in with_data]
+    with pytest.raises(error, match=match):
+        op(slow, fast, alpha)
+    after = with_data
+    for b, a in zip(before, after):
+        assert torch.equal(b, a)
+
+
+def test_rejects_lists_of_different_lengths():
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    rejected(slow, fast[:1], 0.5, ValueError, r"slow has 2 tensors but fast has 1")
+
+
+def test_rejects_shape_mismatch():
+    slow, fast = random_lists([(4,), (4, 3)], torch.float32, torch.float32)
+    fast[1] = torch.randn(3, 4)
+    rejected(slow, fast, 0.5, ValueError, r"slow\[1\] has shape \[4, 3\] but fast\[1\] has shape")
+
+
+def test_rejects_tensors_on_different_devices():
+    slow, _fast = random_lists([(4,)], torch.float32, torch.float32)
+    rejected(slow, [torch.empty(4, device="meta")], 0.5, ValueError, r"fast\[0\] is on meta")
+
+
+@pytest.mark.parametrize(
+    ("slow_dtype", "fast_dtype"),
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+)
+def test_rejects_unsupported_dtype_pair(slow_dtype, fast_dtype):
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    slow[1], fast[1] = slow[1].to(slow_dtype), fast[1].to(fast_dtype)
+    rejected(slow, fast, 0.5, TypeError, r"unsupported dtype pair at index 1")
+
+
+def test_rejects_mixed_dtype_pairs_in_one_call():
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    slow[1], fast[1] = slow[1].double(), fast[1].double()
+    rejected(slow, fast, 0.5, TypeError, r"index 1 has dtypes .* one call takes one dtype pair")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
+def test_rejects_non_floating_tensors(dtype):
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    fast[1] = torch.ones(4, dtype=dtype)
+    rejected(slow, fast, 0.5, TypeError, r"fast\[1\] has dtype torch\.")
+
+
+def test_rejects_sparse_tensors():
+    slow, fast = random_lists([(4, 4)], torch.float32, torch.float32)
+    rejected(slow, [fast[0].to_sparse()], 0.5, TypeError, r"fast\[0\] has layout .*dense")
+
+
+def test_rejects_a_tensor_in_both_lists():
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    rejected(
+        slow,
+        [fast[0], slow[1]],
+        0.5,
+        ValueError,
+        r"(slow\[1\] and fast\[1\]|fast\[1\] and "
+        r"slow\[1\]) share memory",
+    )
+
+
+def test_rejects_overlapping_views():
+    base = torch.randn(10)
+    slow, _ = random_lists([(6,), (6,)], torch.float32, torch.float32)
+    rejected(slow, [base[:6], base[4:]], 0.5, ValueError, r"fast\[0\] and fast\[1\] share memory")
+
+
+def test_rejects_expanded_tensors():
+    slow, _ = random_lists([(3, 4)], torch.float32, torch.float32)
+    rejected(
+        slow,
+        [torch.randn(1, 4).expand(3, 4)],
+        0.5,
+        ValueError,
+        r"fast\[0\] has elements "
+        r"that share memory",
+    )
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), 0.0, -0.1, 1.5, float("inf")])
+def test_rejects_alpha_outside_unit_interval(alpha):
+    slow, fast = random_lists([(4,)], torch.float32, torch.float32)
+    rejected(slow, fast, alpha, ValueError, r"alpha must be in \(0, 1\]")
