@@ -1,10 +1,11 @@
 // CPU backend of lookahead_update_: one parallel region over every tensor of a call.
 //
 // ATen's foreach ops and fused optimizers fork and join the thread pool once per tensor, so a model
-// with thousands of small parameters pays that start-up thousands of times. Here the contiguous
-// tensor pairs form one flattened index space (prefix sums of their sizes) that at::parallel_for
-// splits once; each thread walks the tensors its range overlaps with plain contiguous loops that the
-// compiler vectorises. Tensors that are not contiguous go through ATen's lerp_/copy_ one by one.
+// with thousands of small parameters pays that start-up thousands of times. Here the tensor pairs
+// that are flat arrays form one flattened index space (prefix sums of their sizes) that
+// at::parallel_for splits once; each thread walks the tensors its range overlaps with plain
+// contiguous loops that the compiler vectorises. Any other layout goes through ATen's lerp_/copy_
+// one tensor at a time.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -34,19 +35,12 @@ namespace {
 // Elements per task: large enough that a task's start-up is noise next to streaming its memory.
 constexpr int64_t kGrainSize = 32768;
 
-// Contiguous, non-empty tensor pairs laid end to end.
-struct FlatIndex {
-  std::vector<void*> slow;
-  std::vector<void*> fast;
-  std::vector<int64_t> begin{0};  // begin[i]: flat index of tensor i's first element; back(): total
-
-  void add(const at::Tensor& s, const at::Tensor& f) {
-    slow.push_back(s.data_ptr());
-    fast.push_back(f.data_ptr());
-    begin.push_back(begin.back() + s.numel());
-  }
-  int64_t size() const { return begin.back(); }
-};
+// The flat pairs laid end to end: begin[i] is the flat index of pair i's first element.
+std::vector<int64_t> flat_offsets(const std::vector<FlatPair>& pairs) {
+  std::vector<int64_t> begin(pairs.size() + 1, 0);
+  for (size_t i = 0; i < pairs.size(); ++i) begin[i + 1] = begin[i] + pairs[i].numel;
+  return begin;
+}
 
 template <bool kFused, bool kSmall, typename S, typename F, typename opmath_t>
 C10_ALWAYS_INLINE void update_loop(S* __restrict__ slow, F* __restrict__ fast, int64_t n,
@@ -80,7 +74,7 @@ bool torch_lerp_is_fused() {
 }
 
 template <typename S, typename F>
-void update_flat(const FlatIndex& index, double alpha) {
+void update_flat(const std::vector<FlatPair>& pairs, double alpha) {
   using opmath_t = at::opmath_type<S>;
   const LerpWeight<opmath_t> weight(alpha);
   // The weight's branch and the rounding mode are uniform over the call: pick the loop once.
@@ -92,12 +86,13 @@ void update_flat(const FlatIndex& index, double alpha) {
     loop = weight.small ? update_unfused<true, S, F, opmath_t>
                         : update_unfused<false, S, F, opmath_t>;
   }
-  at::parallel_for(0, index.size(), kGrainSize, [&](int64_t begin, int64_t end) {
-    auto t = std::upper_bound(index.begin.begin(), index.begin.end(), begin) - index.begin.begin() - 1;
+  const std::vector<int64_t> begin_of = flat_offsets(pairs);
+  at::parallel_for(0, begin_of.back(), kGrainSize, [&](int64_t begin, int64_t end) {
+    auto t = std::upper_bound(begin_of.begin(), begin_of.end(), begin) - begin_of.begin() - 1;
     while (begin < end) {
-      const int64_t stop = std::min(end, index.begin[t + 1]);
-      const int64_t offset = begin - index.begin[t];
-      loop(static_cast<S*>(index.slow[t]) + offset, static_cast<F*>(index.fast[t]) + offset,
+      const int64_t stop = std::min(end, begin_of[t + 1]);
+      const int64_t offset = begin - begin_of[t];
+      loop(static_cast<S*>(pairs[t].slow) + offset, static_cast<F*>(pairs[t].fast) + offset,
            stop - begin, weight.coeff);
       begin = stop;
       ++t;
@@ -106,28 +101,16 @@ void update_flat(const FlatIndex& index, double alpha) {
 }
 
 void lookahead_update_cpu(at::TensorList slow, at::TensorList fast, double alpha) {
-  check_lookahead_inputs(slow, fast, alpha);
-  if (slow.empty()) return;
-
-  FlatIndex index;
-  std::vector<size_t> strided;
-  for (size_t i = 0; i < slow.size(); ++i) {
-    if (slow[i].numel() == 0) continue;
-    if (slow[i].is_contiguous() && fast[i].is_contiguous()) {
-      index.add(slow[i], fast[i]);
-    } else {
-      strided.push_back(i);
-    }
-  }
-  if (index.size() > 0) {
+  const CallPlan plan = plan_lookahead_call(slow, fast, alpha);
+  if (!plan.flat.empty()) {
     dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
-      update_flat<typename decltype(s)::type, typename decltype(f)::type>(index, alpha);
+      update_flat<typename decltype(s)::type, typename decltype(f)::type>(plan.flat, alpha);
     });
   }
-  if (!strided.empty()) {
+  if (!plan.strided.empty()) {
     // Below autograd: these are parameters being overwritten, not a differentiable computation.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (const size_t i : strided) {
+    for (const size_t i : plan.strided) {
       slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
       fast[i].copy_(slow[i]);
     }

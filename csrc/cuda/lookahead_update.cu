@@ -37,7 +37,7 @@ struct LookaheadStep {
 };
 
 template <typename S, typename F>
-void update_flat(const std::vector<mta::FlatPair>& pairs, double alpha, cudaStream_t stream,
+void update_flat(const std::vector<FlatPair>& pairs, double alpha, cudaStream_t stream,
                  int device) {
   using opmath_t = at::opmath_type<S>;
   const LerpWeight<opmath_t> weight(alpha);
@@ -49,46 +49,22 @@ void update_flat(const std::vector<mta::FlatPair>& pairs, double alpha, cudaStre
   }
 }
 
-// Whether both tensors are dense blocks of memory whose elements pair up at equal offsets, so the
-// kernel can treat them as flat arrays (contiguous, channels_last, any permutation alike). A
-// dimension of size 1 is never stepped over, so its stride does not matter.
-bool same_flat_layout(const at::Tensor& slow, const at::Tensor& fast) {
-  if (!slow.is_non_overlapping_and_dense() || !fast.is_non_overlapping_and_dense()) return false;
-  for (int64_t d = 0; d < slow.dim(); ++d) {
-    if (slow.size(d) != 1 && slow.stride(d) != fast.stride(d)) return false;
-  }
-  return true;
-}
-
 void lookahead_update_cuda(at::TensorList slow, at::TensorList fast, double alpha) {
-  check_lookahead_inputs(slow, fast, alpha);
+  const CallPlan plan = plan_lookahead_call(slow, fast, alpha);
   if (slow.empty()) return;
 
   const c10::cuda::OptionalCUDAGuard device_guard(slow[0].device());
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-
-  std::vector<mta::FlatPair> flat;
-  std::vector<size_t> strided;
-  flat.reserve(slow.size());
-  for (size_t i = 0; i < slow.size(); ++i) {
-    if (slow[i].numel() == 0) continue;
-    if (same_flat_layout(slow[i], fast[i])) {
-      // With non-negative strides, a dense tensor's first element is its lowest address.
-      flat.push_back({slow[i].data_ptr(), fast[i].data_ptr(), slow[i].numel()});
-    } else {
-      strided.push_back(i);
-    }
-  }
-  if (!flat.empty()) {
+  if (!plan.flat.empty()) {
     dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
       update_flat<typename decltype(s)::type, typename decltype(f)::type>(
-          flat, alpha, stream.stream(), stream.device_index());
+          plan.flat, alpha, stream.stream(), stream.device_index());
     });
   }
-  if (!strided.empty()) {
+  if (!plan.strided.empty()) {
     // Below autograd: these are parameters being overwritten, not a differentiable computation.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (const size_t i : strided) {
+    for (const size_t i : plan.strided) {
       slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
       fast[i].copy_(slow[i]);
     }

@@ -15,7 +15,12 @@ import torch
 
 from lookahead_cuda import Lookahead, lookahead_update_
 from lookahead_cuda.bench.presets import PRESETS, Preset, custom_preset
-from lookahead_cuda.bench.timing import copy_bandwidth, measure
+from lookahead_cuda.bench.timing import (
+    copy_bandwidth,
+    last_level_cache_bytes,
+    measure,
+    measure_interleaved,
+)
 from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS, foreach_update_
 
 IMPLS = ("fused", "foreach", "loop")
@@ -25,9 +30,9 @@ DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-# Each repetition works on a different copy of the tensors until this much memory is covered, so
-# that a small workload is timed from memory rather than from cache.
-MIN_WORKING_SET = 512 << 20
+# A workload smaller than this many times the last-level cache is timed on several copies of its
+# tensors in turn, so that it is timed from memory rather than from cache.
+CACHE_MULTIPLE = 4
 MAX_COPIES = 64
 
 TensorLists = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -198,7 +203,7 @@ def make_lists(preset: Preset, args: argparse.Namespace) -> TensorLists:
 
 
 def working_sets(preset: Preset, args: argparse.Namespace, bytes_per_set: int) -> list[TensorLists]:
-    copies = min(MAX_COPIES, max(1, math.ceil(MIN_WORKING_SET / max(bytes_per_set, 1))))
+    copies = min(MAX_COPIES, max(1, math.ceil(args.min_working_set / max(bytes_per_set, 1))))
     return [make_lists(preset, args) for _ in range(copies)]
 
 
@@ -246,17 +251,17 @@ def bench_preset(preset: Preset, args: argparse.Namespace, bandwidth: float) -> 
             median / floor,
         )
 
-    results = []
-    for impl in args.impl:
-        progress(f"  {preset.name}: {impl} ({args.reps} reps over {len(sets)} copies)")
-        update = UPDATES[impl]
-        timing = measure(
-            lambda i, update=update: update(*sets[i % len(sets)], args.alpha),
-            args.device,
-            args.reps,
-            args.warmup,
-        )
-        results.append(result(impl, timing.median, timing.spread))
+    progress(f"  {preset.name}: {', '.join(args.impl)}, {args.reps} rounds over {len(sets)} copies")
+    timings = measure_interleaved(
+        {
+            impl: (lambda i, update=UPDATES[impl]: update(*sets[i % len(sets)], args.alpha))
+            for impl in args.impl
+        },
+        args.device,
+        args.reps,
+        args.warmup,
+    )
+    results = [result(impl, t.median, t.spread) for impl, t in timings.items()]
     results.append(result("floor", floor, 0.0))
     return results
 
@@ -392,9 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_steps(steps))
             report["e2e"] = [asdict(r) for r in steps]
         else:
+            args.min_working_set = CACHE_MULTIPLE * last_level_cache_bytes(args.device)
             progress("measuring the copy bandwidth")
-            bandwidth, copy_name = copy_bandwidth(args.device, MIN_WORKING_SET, args.reps)
-            print(f"memory floor: {bandwidth / 1e9:.1f} GB/s ({copy_name}, read + write)")
+            bandwidth, copy_name = copy_bandwidth(args.device, args.min_working_set, args.reps)
+            print(
+                f"memory floor: {bandwidth / 1e9:.1f} GB/s ({copy_name}, read + write); "
+                f"workloads under {args.min_working_set >> 20} MiB rotate through copies"
+            )
             results: list[Result] = []
             for index, preset in enumerate(args.presets, 1):
                 progress(f"[{index}/{len(args.presets)}] {preset.name}: {preset.description}")

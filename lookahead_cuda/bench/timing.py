@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import statistics
 import time
 from collections.abc import Callable
@@ -10,6 +11,19 @@ from dataclasses import dataclass
 import torch
 
 from lookahead_cuda import _C
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """Size of the largest cache in front of ``device``'s memory (a common size if unknown)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as text:
+            value = text.read().strip()
+        units = {"K": 1 << 10, "M": 1 << 20}
+        sizes.append(int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value))
+    return max(sizes, default=32 << 20)
 
 
 @dataclass(frozen=True)
@@ -29,27 +43,39 @@ class Timing:
 
 
 def measure(fn: Callable[[int], object], device: torch.device, reps: int, warmup: int) -> Timing:
-    """Time ``fn(i)`` for repetition ``i``: warm-up calls first, then ``reps`` timed ones, each
-    alone (CUDA: events around the call on the current stream, synchronised before reading)."""
+    """Time ``fn(i)`` for repetition ``i``: warm-up calls first, then ``reps`` timed ones."""
+    return measure_interleaved({"fn": fn}, device, reps, warmup)["fn"]
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[int], object]], device: torch.device, reps: int, warmup: int
+) -> dict[str, Timing]:
+    """Time several functions round-robin, one call of each per repetition, so that a machine whose
+    speed drifts during the run (a shared host) weighs on all of them alike. Each call is timed
+    alone: CUDA events around it on the current stream, synchronised before it starts."""
     for i in range(warmup):
-        fn(i)
-    samples = []
+        for fn in fns.values():
+            fn(i)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup, warmup + reps):
+        for name, fn in fns.items():
+            samples[name].append(_time_call(fn, i, device))
+    return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+def _time_call(fn: Callable[[int], object], i: int, device: torch.device) -> float:
     if device.type == "cuda":
-        for i in range(reps):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn(warmup + i)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-    else:
-        for i in range(reps):
-            begin = time.perf_counter()
-            fn(warmup + i)
-            samples.append(time.perf_counter() - begin)
-    return Timing(tuple(samples))
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn(i)
+    return time.perf_counter() - begin
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> tuple[float, str]:
