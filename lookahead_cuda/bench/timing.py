@@ -80,20 +80,26 @@ def _time_call(fn: Callable[[int], object], i: int, device: torch.device) -> flo
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> tuple[float, str]:
     """Bytes per second (read plus written) of the fastest plain streaming copy on ``device``, over
-    two buffers of ``nbytes`` each, and which copy that was. torch's ``copy_`` into a separate
-    buffer also reads every line it overwrites; on the CPU an in-place swap of the two buffers,
-    which moves exactly a Lookahead sync's traffic, competes too, so the floor is not measured too
-    slowly."""
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    b = torch.empty_like(a).uniform_()
+    two buffers of ``nbytes`` each, and which copy that was.
+
+    torch's ``copy_`` into a separate buffer also reads every line it overwrites; on the CPU an
+    in-place swap of the two buffers, which moves exactly a Lookahead sync's traffic, competes too.
+    The two buffers are views of one allocation, a few MiB and an odd number of cache lines apart:
+    two separately allocated buffers can land a power of two apart, in the same DRAM banks, and
+    then stream at half speed (seen on the CPU machine: 17 against 42 GB/s), which would measure
+    the floor too slowly."""
+    numel = nbytes // 4
+    gap = (3 << 20) // 4 + 1040 // 4
+    buffer = torch.empty(2 * numel + gap, dtype=torch.float32, device=device).uniform_()
+    a, b = buffer[:numel], buffer[numel + gap :]
     copies: dict[str, tuple[Callable[[int], object], int]] = {
         "torch copy_": (lambda _: b.copy_(a), 2 * a.nbytes),
     }
     if device.type == "cpu":
         copies["in-place swap"] = (lambda _: _C.stream_swap_(a, b), 4 * a.nbytes)
-    rates = {
-        name: moved / measure(fn, device, reps, warmup=2).median
-        for name, (fn, moved) in copies.items()
-    }
+    timings = measure_interleaved(
+        {name: fn for name, (fn, _) in copies.items()}, device, reps, warmup=2
+    )
+    rates = {name: moved / timings[name].median for name, (_, moved) in copies.items()}
     name = max(rates, key=rates.__getitem__)
     return rates[name], name
