@@ -18,7 +18,6 @@ from lookahead_cuda.bench.presets import PRESETS, Preset, custom_preset
 from lookahead_cuda.bench.timing import (
     copy_bandwidth,
     last_level_cache_bytes,
-    measure,
     measure_interleaved,
 )
 from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS, foreach_update_
@@ -295,15 +294,19 @@ def bench_step(preset: Preset, args: argparse.Namespace) -> list[StepResult]:
             torch.optim.AdamW(params, lr=1e-4, **{variant: True}), k=args.k, slow_dtype=slow_dtype
         )
         progress(f"  {preset.name}: AdamW({variant}) step, with and without Lookahead")
-        plain = measure(lambda _, inner=inner: inner.step(), args.device, args.reps, args.warmup)
-
-        def k_steps(_: int, wrapped: Lookahead = wrapped) -> None:
-            for _ in range(args.k):
-                wrapped.step()
-
         wrapped.step()  # takes the slow weights, outside the timing
-        cycle = measure(k_steps, args.device, args.reps, min(args.warmup, 1))
-        step_ms, lookahead_ms = plain.median * 1e3, cycle.median / args.k * 1e3
+        # k steps of each per round, interleaved: Lookahead's k includes exactly one sync.
+        timings = measure_interleaved(
+            {
+                "plain": lambda _, opt=inner: [opt.step() for _ in range(args.k)],
+                "lookahead": lambda _, opt=wrapped: [opt.step() for _ in range(args.k)],
+            },
+            args.device,
+            args.reps,
+            min(args.warmup, 1),
+        )
+        plain, cycle = timings["plain"], timings["lookahead"]
+        step_ms, lookahead_ms = plain.median / args.k * 1e3, cycle.median / args.k * 1e3
         results.append(
             StepResult(
                 preset.name,

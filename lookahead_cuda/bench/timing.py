@@ -42,11 +42,6 @@ class Timing:
         return (max(self.samples) - min(self.samples)) / 2 / self.median
 
 
-def measure(fn: Callable[[int], object], device: torch.device, reps: int, warmup: int) -> Timing:
-    """Time ``fn(i)`` for repetition ``i``: warm-up calls first, then ``reps`` timed ones."""
-    return measure_interleaved({"fn": fn}, device, reps, warmup)["fn"]
-
-
 def measure_interleaved(
     fns: dict[str, Callable[[int], object]], device: torch.device, reps: int, warmup: int
 ) -> dict[str, Timing]:
