@@ -1,6 +1,7 @@
 #include "op_contract.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -143,6 +144,16 @@ CallPlan plan_lookahead_call(at::TensorList slow, at::TensorList fast, double al
   }
   check_no_shared_memory(extents);
   return plan;
+}
+
+void update_strided(at::TensorList slow, at::TensorList fast, double alpha,
+                    const std::vector<size_t>& indices) {
+  // Below autograd: these are parameters being overwritten, not a differentiable computation.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  for (const size_t i : indices) {
+    slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
+    fast[i].copy_(slow[i]);
+  }
 }
 
 void bump_versions(at::TensorList slow, at::TensorList fast) {

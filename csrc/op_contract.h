@@ -31,8 +31,27 @@ struct CallPlan {
 // Runs before any write, so a rejected call changes nothing.
 CallPlan plan_lookahead_call(at::TensorList slow, at::TensorList fast, double alpha);
 
+// The op around a backend's kernel for flat pairs: plan the call, run flat_kernel(plan.flat) on the
+// flat pairs, ATen's lerp_/copy_ on the others, then bump versions.
+template <typename FlatKernel>
+void lookahead_update_with(at::TensorList slow, at::TensorList fast, double alpha,
+                           FlatKernel&& flat_kernel);
+
 // Registered ops get no automatic version-counter bump; autograd and torch.compile rely on it to
 // notice in-place writes, so every tensor of both lists is bumped (as ATen's foreach ops do).
 void bump_versions(at::TensorList slow, at::TensorList fast);
+
+// Pairs that are not flat arrays, one at a time through ATen (the reference the kernels match).
+void update_strided(at::TensorList slow, at::TensorList fast, double alpha,
+                    const std::vector<size_t>& indices);
+
+template <typename FlatKernel>
+void lookahead_update_with(at::TensorList slow, at::TensorList fast, double alpha,
+                           FlatKernel&& flat_kernel) {
+  const CallPlan plan = plan_lookahead_call(slow, fast, alpha);
+  if (!plan.flat.empty()) flat_kernel(plan.flat);
+  if (!plan.strided.empty()) update_strided(slow, fast, alpha, plan.strided);
+  bump_versions(slow, fast);
+}
 
 }  // namespace lookahead

@@ -58,6 +58,24 @@ def _check_settings(settings: Mapping[str, Any], where: str) -> None:
         )
 
 
+class _AllGroups:
+    """A Lookahead setting as an attribute: reading it gives the value all param groups share (a
+    ValueError if they differ), setting it validates the value and sets it for every group and
+    for groups added later."""
+
+    def __init__(self, key: str, doc: str) -> None:
+        self.key = key
+        self.__doc__ = doc
+
+    def __get__(self, opt: Lookahead | None, owner: type) -> Any:
+        if opt is None:
+            return self
+        return opt._common_setting(self.key)
+
+    def __set__(self, opt: Lookahead, value: Any) -> None:
+        opt._set_for_all_groups(self.key, value)
+
+
 def _slow_dtype(group: Mapping[str, Any], tensor: torch.Tensor) -> torch.dtype:
     return group[SLOW_DTYPE] or tensor.dtype
 
@@ -203,43 +221,13 @@ class Lookahead(Optimizer):
         self._settings[key] = value
         for group in self.param_groups:
             group[key] = value
-        self._bucket_cache.clear()
 
-    @property
-    def k(self) -> int:
-        """Inner steps between slow updates, for all param groups."""
-        return self._common_setting(K)
-
-    @k.setter
-    def k(self, value: int) -> None:
-        self._set_for_all_groups(K, value)
-
-    @property
-    def alpha(self) -> float:
-        """Slow-weights step size in (0, 1], for all param groups."""
-        return self._common_setting(ALPHA)
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._set_for_all_groups(ALPHA, value)
-
-    @property
-    def inner_state(self) -> str:
-        """What a slow update does to the inner optimizer's state: keep, reset or pullback."""
-        return self._common_setting(INNER_STATE)
-
-    @inner_state.setter
-    def inner_state(self, value: str) -> None:
-        self._set_for_all_groups(INNER_STATE, value)
-
-    @property
-    def slow_dtype(self) -> torch.dtype | None:
-        """Dtype of slow weights taken from now on (None: each parameter's own)."""
-        return self._common_setting(SLOW_DTYPE)
-
-    @slow_dtype.setter
-    def slow_dtype(self, value: torch.dtype | None) -> None:
-        self._set_for_all_groups(SLOW_DTYPE, value)
+    k = _AllGroups(K, "Inner steps between slow updates.")
+    alpha = _AllGroups(ALPHA, "Slow-weights step size in (0, 1].")
+    inner_state = _AllGroups(INNER_STATE, "What a slow update does to the inner optimizer's state.")
+    slow_dtype = _AllGroups(
+        SLOW_DTYPE, "Dtype of slow weights taken from now on (None: each parameter's own)."
+    )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer; Lookahead settings the group does not name

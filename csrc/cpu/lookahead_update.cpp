@@ -5,12 +5,11 @@
 // that are flat arrays form one flattened index space (prefix sums of their sizes) that
 // at::parallel_for splits once; each thread walks the tensors its range overlaps with plain
 // contiguous loops that the compiler vectorises. Any other layout goes through ATen's lerp_/copy_
-// one tensor at a time.
+// one tensor at a time (op_contract.h).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -101,21 +100,11 @@ void update_flat(const std::vector<FlatPair>& pairs, double alpha) {
 }
 
 void lookahead_update_cpu(at::TensorList slow, at::TensorList fast, double alpha) {
-  const CallPlan plan = plan_lookahead_call(slow, fast, alpha);
-  if (!plan.flat.empty()) {
+  lookahead_update_with(slow, fast, alpha, [&](const std::vector<FlatPair>& flat) {
     dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
-      update_flat<typename decltype(s)::type, typename decltype(f)::type>(plan.flat, alpha);
+      update_flat<typename decltype(s)::type, typename decltype(f)::type>(flat, alpha);
     });
-  }
-  if (!plan.strided.empty()) {
-    // Below autograd: these are parameters being overwritten, not a differentiable computation.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (const size_t i : plan.strided) {
-      slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
-      fast[i].copy_(slow[i]);
-    }
-  }
-  bump_versions(slow, fast);
+  });
 }
 
 }  // namespace

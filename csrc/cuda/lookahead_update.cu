@@ -5,7 +5,6 @@
 // Tensor pairs that are flat arrays with the same element order go through multi_tensor_apply.cuh;
 // any other layout goes through ATen's lerp_/copy_ one tensor at a time, as on the CPU.
 #include <ATen/OpMathType.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,26 +49,15 @@ void update_flat(const std::vector<FlatPair>& pairs, double alpha, cudaStream_t 
 }
 
 void lookahead_update_cuda(at::TensorList slow, at::TensorList fast, double alpha) {
-  const CallPlan plan = plan_lookahead_call(slow, fast, alpha);
-  if (slow.empty()) return;
-
-  const c10::cuda::OptionalCUDAGuard device_guard(slow[0].device());
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  if (!plan.flat.empty()) {
+  lookahead_update_with(slow, fast, alpha, [&](const std::vector<FlatPair>& flat) {
+    // After validation, so slow[0] is known to be a CUDA tensor.
+    const c10::cuda::CUDAGuard device_guard(slow[0].device());
+    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
     dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
       update_flat<typename decltype(s)::type, typename decltype(f)::type>(
-          plan.flat, alpha, stream.stream(), stream.device_index());
+          flat, alpha, stream.stream(), stream.device_index());
     });
-  }
-  if (!plan.strided.empty()) {
-    // Below autograd: these are parameters being overwritten, not a differentiable computation.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (const size_t i : plan.strided) {
-      slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
-      fast[i].copy_(slow[i]);
-    }
-  }
-  bump_versions(slow, fast);
+  });
 }
 
 }  // namespace

@@ -262,7 +262,8 @@ def bench_preset(preset: Preset, args: argparse.Namespace, bandwidth: float) -> 
             median / floor,
         )
 
-    progress(f"  {preset.name}: {', '.join(args.impl)}, {args.reps} rounds over {len(sets)} copies")
+    copies = f", rotating {len(sets)} copies of the tensors" if len(sets) > 1 else ""
+    progress(f"  {preset.name}: {', '.join(args.impl)}, {args.reps} rounds{copies}")
     timings = measure_interleaved(
         {
             impl: (lambda i, update=UPDATES[impl]: update(*sets[i % len(sets)], args.alpha))
