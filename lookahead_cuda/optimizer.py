@@ -318,27 +318,36 @@ class Lookahead(Optimizer):
         self._bucket_cache.clear()
 
     def _slow_update(self, groups: list[dict[str, Any]]) -> None:
+        done: set[int] = set()  # fast tensors already updated, by id
+        try:
+            self._run_buckets(groups, done)
+        except (RuntimeError, TypeError, ValueError):
+            # A rejected call changed nothing. If parameters moved (model.to(...)) since the slow
+            # weights were taken, follow them and finish the pairs not yet updated; otherwise the
+            # error is the user's.
+            if not self._follow_parameters():
+                raise
+            self._run_buckets(groups, done)
+        for group in groups:
+            self._counter(group).zero_()
+            if group[INNER_STATE] == "reset":
+                for param in group["params"]:
+                    self.optimizer.state.pop(param, None)
+
+    def _run_buckets(self, groups: list[dict[str, Any]], done: set[int]) -> None:
+        """One op call per (alpha, device, dtype pair) over the groups, skipping pairs in done."""
         merged: _Buckets = {}
         for group in groups:
             for key, (slow, fast) in self._buckets(group).items():
                 into = merged.setdefault((group[ALPHA], *key), ([], []))
                 into[0].extend(slow)
                 into[1].extend(fast)
-        try:
-            for (alpha, *_), (slow, fast) in merged.items():
-                lookahead_update_(slow, fast, alpha)
-        except (RuntimeError, TypeError, ValueError):
-            # A rejected call changed nothing. If parameters moved (model.to(...)) since the slow
-            # weights were taken, follow them and try again; otherwise the error is the user's.
-            if not self._follow_parameters():
-                raise
-            self._slow_update(groups)
-            return
-        for group in groups:
-            self._counter(group).zero_()
-            if group[INNER_STATE] == "reset":
-                for param in group["params"]:
-                    self.optimizer.state.pop(param, None)
+        for (alpha, *_), (slow, fast) in merged.items():
+            if done:
+                kept = [(s, f) for s, f in zip(slow, fast) if id(f) not in done]
+                slow, fast = [s for s, _ in kept], [f for _, f in kept]
+            lookahead_update_(slow, fast, alpha)
+            done.update(map(id, fast))
 
     def _buckets(self, group: dict[str, Any]) -> _Buckets:
         """The group's (slow, fast) pairs keyed by (device, slow dtype, fast dtype)."""
@@ -367,9 +376,11 @@ class Lookahead(Optimizer):
                 if not isinstance(buffer, torch.Tensor):
                     continue
                 slow = ours.get("slow_" + name)
-                if slow is None or slow.shape != buffer.shape or slow.device != buffer.device:
+                if slow is None or slow.shape != buffer.shape:
                     slow = torch.zeros_like(buffer, dtype=_slow_dtype(group, buffer))
-                    ours["slow_" + name] = slow
+                elif slow.device != buffer.device:  # the model moved
+                    slow = slow.to(buffer.device)
+                ours["slow_" + name] = slow
                 pairs.append((slow, buffer))
         return pairs
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lookahead_cuda.ops
+import lookahead_cuda.optimizer
 from lookahead_cuda import Lookahead
 
 FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
@@ -474,6 +475,39 @@ def test_slow_weights_follow_parameters_to_a_new_dtype():
     train(model, opt, batches(1, torch.float64))
     for p in model.parameters():
         assert opt.lookahead_state[p]["slow_param"].dtype == torch.float64
+
+
+def test_a_failed_bucket_is_retried_alone_after_following_the_parameters(monkeypatch):
+    # Group 0 stays fp32; group 1 turns fp64 after the slow weights were taken, so its call is
+    # rejected, its slow weights follow, and only its pairs are sent again.
+    model, ref_model = make_model(), make_model()
+
+    def groups(m):
+        return [{"params": m[0].parameters()}, {"params": m[2].parameters()}]
+
+    opt = Lookahead(torch.optim.SGD(groups(model), lr=0.1), k=2)
+    ref = ReferenceLookahead(torch.optim.SGD(groups(ref_model), lr=0.1), k=2)
+    train(model, opt, batches(1))
+    train(ref_model, ref.inner, batches(1), step=ref.step)
+    for m in (model, ref_model):
+        m[2].double()
+    ref.slow[2:] = [s.double() for s in ref.slow[2:]]
+
+    updated = []
+    real_update = lookahead_cuda.optimizer.lookahead_update_
+
+    def recording_update(slow, fast, alpha):
+        real_update(slow, fast, alpha)
+        updated.extend(id(f) for f in fast)
+
+    monkeypatch.setattr(lookahead_cuda.optimizer, "lookahead_update_", recording_update)
+    x, y = batches(1)[0]
+    for m, inner, step in ((model, opt, opt.step), (ref_model, ref.inner, ref.step)):
+        inner.zero_grad()
+        nn.functional.mse_loss(m[2](m[1](m[0](x)).double()).float(), y).backward()
+        step()
+    assert sorted(updated) == sorted(id(p) for p in model.parameters())
+    assert_same_weights(model, ref_model)
 
 
 def test_state_dict_loads_with_weights_only_after_copy():

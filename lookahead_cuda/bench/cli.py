@@ -4,6 +4,7 @@ Python loop of most Lookahead wrappers, and the memory-bandwidth floor, on real 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -264,9 +265,12 @@ def bench_preset(preset: Preset, args: argparse.Namespace, bandwidth: float) -> 
 
     copies = f", rotating {len(sets)} copies of the tensors" if len(sets) > 1 else ""
     progress(f"  {preset.name}: {', '.join(args.impl)}, {args.reps} rounds{copies}")
+    # Consecutive calls, whichever implementation makes them, take the next copy in turn, so none
+    # runs on tensors the call before it has just left in cache.
+    next_set = itertools.cycle(sets)
     timings = measure_interleaved(
         {
-            impl: (lambda i, update=UPDATES[impl]: update(*sets[i % len(sets)], args.alpha))
+            impl: (lambda _, update=UPDATES[impl]: update(*next(next_set), args.alpha))
             for impl in args.impl
         },
         args.device,
