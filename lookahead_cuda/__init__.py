@@ -5,6 +5,16 @@
 
 from lookahead_cuda.ops import build_info, lookahead_update_
 from lookahead_cuda.optimizer import Lookahead
+from lookahead_cuda.ranger import Ranger
+from lookahead_cuda.schedules import CosineAlpha, LambdaAlpha, LookaheadScheduler
 
-__all__ = ["Lookahead", "build_info", "lookahead_update_"]
+__all__ = [
+    "CosineAlpha",
+    "LambdaAlpha",
+    "Lookahead",
+    "LookaheadScheduler",
+    "Ranger",
+    "build_info",
+    "lookahead_update_",
+]
 __version__ = "0.1.0"

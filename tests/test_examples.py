@@ -1,0 +1,43 @@
+"""Each example runs end to end at a tiny size, and the README shows what the full runs wrote."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# example module -> the PNG it writes
+OUTPUTS = {
+    "lr_robustness": "lr_robustness.png",
+    "loss_curves": "loss_curves.png",
+    "sensitivity": "sensitivity.png",
+}
+
+
+@pytest.fixture(autouse=True)
+def _examples_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the examples run on one thread
+
+
+@pytest.mark.parametrize("module", list(OUTPUTS))
+def test_example_runs_quick(module, tmp_path, capsys):
+    importlib.import_module(module).main(["--quick", "--out", str(tmp_path / "out")])
+    png = tmp_path / "out" / OUTPUTS[module]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out  # the numbers the README quotes are printed
+
+
+def test_readme_shows_every_png_and_the_command_that_writes_them():
+    readme = (EXAMPLES / "README.md").read_text()
+    shown = set(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme))
+    assert shown == set(OUTPUTS.values())
+    for png in shown:
+        assert (EXAMPLES / png).is_file(), png
+    commands = "".join(re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL))
+    for module in OUTPUTS:
+        assert module in commands, module
