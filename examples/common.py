@@ -21,6 +21,9 @@ from lookahead_cuda import Lookahead, Ranger
 
 matplotlib.use("Agg")  # files only: the examples run on machines without a display
 
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
 EXAMPLES = Path(__file__).resolve().parent
 BATCH_SIZE = 64
 VALIDATION_SHARE = 0.3
@@ -147,3 +150,12 @@ def parse_args(description: str, argv: Sequence[str] | None) -> argparse.Namespa
     # and one thread keeps the results the same from run to run.
     torch.set_num_threads(1)
     return args
+
+
+def save_figure(figure: Figure, out: Path, name: str, title: str) -> None:
+    """Title the figure, write it as out/name (creating out), and close it."""
+    figure.suptitle(title)
+    figure.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out / name, dpi=100)
+    plt.close(figure)

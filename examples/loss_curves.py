@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
-from common import evaluate, load_data, make_model, make_optimizer, parse_args, train
+from common import evaluate, load_data, make_model, make_optimizer, parse_args, save_figure, train
 
 from lookahead_cuda import Lookahead
 
@@ -120,14 +120,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for row, (first, title) in enumerate(ZOOMS, start=1):
             plot_zoom(axes[row, column], baseline, alone, paired, min(first, last), title)
 
-    figure.suptitle(
+    save_figure(
+        figure,
+        args.out,
+        "loss_curves.png",
         "scikit-learn digits, MLP 64-128-128-10, batch 64. Top: mean and min-max of "
-        f"{seeds} seeds; below: seed 0 zoomed in"
+        f"{seeds} seeds; below: seed 0 zoomed in",
     )
-    figure.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out / "loss_curves.png", dpi=100)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from common import final_validation, parse_args
+from common import final_validation, parse_args, save_figure
 
 # Learning rates a third of a decade apart, wide enough for every optimizer to fail at both ends.
 FAMILIES = {
@@ -72,14 +72,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             axis.legend()
             axis.grid(True, which="major", alpha=0.3)
 
-    figure.suptitle(
+    save_figure(
+        figure,
+        args.out,
+        "lr_robustness.png",
         "scikit-learn digits, MLP 64-128-128-10: Lookahead (k=5, alpha=0.5) against its inner "
-        "optimizer\nline: mean over seeds, shaded: min-max; Lookahead evaluated on its slow weights"
+        "optimizer\nline: mean over seeds, shaded: min-max; "
+        "Lookahead evaluated on its slow weights",
     )
-    figure.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out / "lr_robustness.png", dpi=100)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from common import final_validation, parse_args
+from common import final_validation, parse_args, save_figure
 
 # Inner optimizers at their usual learning rates.
 INNER = (("SGD", 0.1), ("Adam", 1e-3))
@@ -75,14 +75,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for k, row_values in zip(ks, mean):
             print(f"{k:>12} " + "".join(f"{loss:>8.4f}/{acc:.4f}" for loss, acc in row_values))
 
-    figure.suptitle(
+    save_figure(
+        figure,
+        args.out,
+        "sensitivity.png",
         f"scikit-learn digits, MLP 64-128-128-10, {epochs} epochs: mean of {seeds} seeds, "
-        "Lookahead evaluated on its slow weights"
+        "Lookahead evaluated on its slow weights",
     )
-    figure.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out / "sensitivity.png", dpi=100)
-    plt.close(figure)
 
 
 if __name__ == "__main__":
