@@ -142,6 +142,24 @@ def test_fp32_slow_weights_for_half_precision_parameters(dtype):
         assert ours.lookahead_state[p]["slow_exp_avg"].dtype == torch.float32
 
 
+def test_fp32_slow_weights_keep_updates_that_bf16_slow_weights_lose():
+    # Each inner step moves a bf16 weight of 1.0 by one unit in the last place (u = 2**-7); with
+    # k=1, alpha=0.5 every sync asks the slow weight to move by half of that. bf16 slow weights
+    # round the half back (ties to even) and never leave 1.0; fp32 ones keep the halves, and the
+    # fast weights restart from them. Measured over 100 steps: 0 u against 50 u of progress.
+    u = 2.0**-7
+    progress = {}
+    for slow_dtype in (None, torch.float32):
+        weight = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        opt = Lookahead(torch.optim.SGD([weight], lr=1.0), k=1, alpha=0.5, slow_dtype=slow_dtype)
+        for _ in range(100):
+            weight.grad = torch.full_like(weight, -u)
+            opt.step()
+        progress[slow_dtype] = (weight.detach().float() - 1.0) / u
+    assert torch.equal(progress[None], torch.zeros(4))
+    assert torch.equal(progress[torch.float32], torch.full((4,), 50.0))
+
+
 def test_is_a_real_optimizer_sharing_the_inner_views():
     model = make_model()
     inner = torch.optim.Adam(model.parameters())
