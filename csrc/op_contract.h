@@ -31,12 +31,6 @@ struct CallPlan {
 // Runs before any write, so a rejected call changes nothing.
 CallPlan plan_lookahead_call(at::TensorList slow, at::TensorList fast, double alpha);
 
-// The op around a backend's kernel for flat pairs: plan the call, run flat_kernel(plan.flat) on the
-// flat pairs, ATen's lerp_/copy_ on the others, then bump versions.
-template <typename FlatKernel>
-void lookahead_update_with(at::TensorList slow, at::TensorList fast, double alpha,
-                           FlatKernel&& flat_kernel);
-
 // Registered ops get no automatic version-counter bump; autograd and torch.compile rely on it to
 // notice in-place writes, so every tensor of both lists is bumped (as ATen's foreach ops do).
 void bump_versions(at::TensorList slow, at::TensorList fast);
@@ -45,6 +39,8 @@ void bump_versions(at::TensorList slow, at::TensorList fast);
 void update_strided(at::TensorList slow, at::TensorList fast, double alpha,
                     const std::vector<size_t>& indices);
 
+// The op around a backend's kernel for flat pairs: plan the call, run flat_kernel(plan.flat) on the
+// flat pairs, ATen's lerp_/copy_ on the others, then bump versions.
 template <typename FlatKernel>
 void lookahead_update_with(at::TensorList slow, at::TensorList fast, double alpha,
                            FlatKernel&& flat_kernel) {

@@ -318,24 +318,28 @@ class Lookahead(Optimizer):
         self._bucket_cache.clear()
 
     def _slow_update(self, groups: list[dict[str, Any]]) -> None:
-        done: set[int] = set()  # fast tensors already updated, by id
+        completed: list[list[torch.Tensor]] = []  # the fast lists of the calls that went through
         try:
-            self._run_buckets(groups, done)
+            self._run_buckets(groups, completed, skip=set())
         except (RuntimeError, TypeError, ValueError):
             # A rejected call changed nothing. If parameters moved (model.to(...)) since the slow
             # weights were taken, follow them and finish the pairs not yet updated; otherwise the
             # error is the user's.
             if not self._follow_parameters():
                 raise
-            self._run_buckets(groups, done)
+            done = {id(f) for fast in completed for f in fast}
+            self._run_buckets(groups, completed, skip=done)
         for group in groups:
             self._counter(group).zero_()
             if group[INNER_STATE] == "reset":
                 for param in group["params"]:
                     self.optimizer.state.pop(param, None)
 
-    def _run_buckets(self, groups: list[dict[str, Any]], done: set[int]) -> None:
-        """One op call per (alpha, device, dtype pair) over the groups, skipping pairs in done."""
+    def _run_buckets(
+        self, groups: list[dict[str, Any]], completed: list[list[torch.Tensor]], skip: set[int]
+    ) -> None:
+        """One op call per (alpha, device, dtype pair) over the groups, leaving out the fast
+        tensors whose ids are in skip; each call's fast list is appended to completed."""
         merged: _Buckets = {}
         for group in groups:
             for key, (slow, fast) in self._buckets(group).items():
@@ -343,11 +347,11 @@ class Lookahead(Optimizer):
                 into[0].extend(slow)
                 into[1].extend(fast)
         for (alpha, *_), (slow, fast) in merged.items():
-            if done:
-                kept = [(s, f) for s, f in zip(slow, fast) if id(f) not in done]
+            if skip:
+                kept = [(s, f) for s, f in zip(slow, fast) if id(f) not in skip]
                 slow, fast = [s for s, _ in kept], [f for _, f in kept]
             lookahead_update_(slow, fast, alpha)
-            done.update(map(id, fast))
+            completed.append(fast)
 
     def _buckets(self, group: dict[str, Any]) -> _Buckets:
         """The group's (slow, fast) pairs keyed by (device, slow dtype, fast dtype)."""

@@ -270,7 +270,7 @@ def bench_preset(preset: Preset, args: argparse.Namespace, bandwidth: float) -> 
     next_set = itertools.cycle(sets)
     timings = measure_interleaved(
         {
-            impl: (lambda _, update=UPDATES[impl]: update(*next(next_set), args.alpha))
+            impl: (lambda update=UPDATES[impl]: update(*next(next_set), args.alpha))
             for impl in args.impl
         },
         args.device,
@@ -303,8 +303,8 @@ def bench_step(preset: Preset, args: argparse.Namespace) -> list[StepResult]:
         # k steps of each per round, interleaved: Lookahead's k includes exactly one sync.
         timings = measure_interleaved(
             {
-                "plain": lambda _, opt=inner: [opt.step() for _ in range(args.k)],
-                "lookahead": lambda _, opt=wrapped: [opt.step() for _ in range(args.k)],
+                "plain": lambda opt=inner: [opt.step() for _ in range(args.k)],
+                "lookahead": lambda opt=wrapped: [opt.step() for _ in range(args.k)],
             },
             args.device,
             args.reps,

@@ -43,33 +43,33 @@ class Timing:
 
 
 def measure_interleaved(
-    fns: dict[str, Callable[[int], object]], device: torch.device, reps: int, warmup: int
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int
 ) -> dict[str, Timing]:
     """Time several functions round-robin, one call of each per repetition, so that a machine whose
     speed drifts during the run (a shared host) weighs on all of them alike. Each call is timed
     alone: CUDA events around it on the current stream, synchronised before it starts."""
-    for i in range(warmup):
+    for _ in range(warmup):
         for fn in fns.values():
-            fn(i)
+            fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup, warmup + reps):
+    for _ in range(reps):
         for name, fn in fns.items():
-            samples[name].append(_time_call(fn, i, device))
+            samples[name].append(_time_call(fn, device))
     return {name: Timing(tuple(values)) for name, values in samples.items()}
 
 
-def _time_call(fn: Callable[[int], object], i: int, device: torch.device) -> float:
+def _time_call(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
-        fn(i)
+        fn()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
     begin = time.perf_counter()
-    fn(i)
+    fn()
     return time.perf_counter() - begin
 
 
@@ -87,11 +87,11 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> tuple[float,
     gap = (3 << 20) // 4 + 1040 // 4
     buffer = torch.empty(2 * numel + gap, dtype=torch.float32, device=device).uniform_()
     a, b = buffer[:numel], buffer[numel + gap :]
-    copies: dict[str, tuple[Callable[[int], object], int]] = {
-        "torch copy_": (lambda _: b.copy_(a), 2 * a.nbytes),
+    copies: dict[str, tuple[Callable[[], object], int]] = {
+        "torch copy_": (lambda: b.copy_(a), 2 * a.nbytes),
     }
     if device.type == "cpu":
-        copies["in-place swap"] = (lambda _: _C.stream_swap_(a, b), 4 * a.nbytes)
+        copies["in-place swap"] = (lambda: _C.stream_swap_(a, b), 4 * a.nbytes)
     timings = measure_interleaved(
         {name: fn for name, (fn, _) in copies.items()}, device, reps, warmup=2
     )
