@@ -77,12 +77,9 @@ def _extension():
     with_cuda = _want_cuda()
     from torch.utils import cpp_extension
 
-    sources = [
-        os.path.join(CSRC, "lookahead.cpp"),
-        os.path.join(CSRC, "op_contract.cpp"),
-        os.path.join(CSRC, "cpu", "lookahead_update.cpp"),
-        os.path.join(CSRC, "cpu", "stream_swap.cpp"),
-    ]
+    # Schema and shared contract, then one file per op and backend.
+    sources = [os.path.join(CSRC, "lookahead.cpp"), os.path.join(CSRC, "op_contract.cpp")]
+    sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     # OpenMP: ATen's parallel_for only runs in parallel when the calling code is compiled with it;
     # at load time the extension binds to the libgomp that torch already loaded (one thread pool).
     # -ffp-contract=off: the kernels choose where a multiply-add is fused (csrc/lerp.h).
@@ -92,7 +89,7 @@ def _extension():
     extension = cpp_extension.CppExtension
     include_dirs = []
     if with_cuda:
-        sources.append(os.path.join(CSRC, "cuda", "lookahead_update.cu"))
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         define_macros.append(("LOOKAHEAD_WITH_CUDA", None))
         # No --use_fast_math: it changes the rounding that must match torch.lerp.
         # LOOKAHEAD_PTXAS_VERBOSE=1 prints each kernel's registers and spills.

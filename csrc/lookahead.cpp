@@ -1,11 +1,15 @@
-// The op's schema, and the Python module that carries it.
+// The ops' schemas, their autograd kernels, and the Python module that carries them.
 //
 // lookahead_update_(slow, fast, alpha), for every pair i:
 //   slow[i] <- slow[i] + alpha * (fast[i] - slow[i])    (rounded exactly as torch.lerp_)
 //   fast[i] <- slow[i]                                   (rounded through the slow dtype, as copy_)
-// Backends: cpu/lookahead_update.cpp, cuda/lookahead_update.cu; the fake (meta) kernel for
-// torch.compile lives in lookahead_cuda/ops.py. The update is not differentiable: autograd only
-// refuses tensors that would need a gradient through it.
+// lookahead_update_if_(slow, fast, alpha, due, restore): the same sync decided by one-element bool
+//   tensors read on the tensors' device, so a CUDA step never waits for the host and can be
+//   captured in a CUDA graph: nothing unless due; if restore, fast[i] <- slow[i] with slow as it is.
+// found_nonfinite_(tensors, found): found <- found or (some element is NaN or infinite).
+// Backends: cpu/ and cuda/, one file per op; the fake (meta) kernels for torch.compile live in
+// lookahead_cuda/ops.py. The updates are not differentiable: autograd only refuses tensors that
+// would need a gradient through them.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -13,42 +17,74 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <optional>
 #include <string>
 
 #include "cpu/stream_swap.h"
 
 TORCH_LIBRARY(lookahead_cuda, m) {
   m.def("lookahead_update_(Tensor(a!)[] slow, Tensor(b!)[] fast, float alpha) -> ()");
+  m.def(
+      "lookahead_update_if_(Tensor(a!)[] slow, Tensor(b!)[] fast, float alpha, Tensor due, "
+      "Tensor? restore=None) -> ()");
+  m.def("found_nonfinite_(Tensor[] tensors, Tensor(a!) found) -> ()");
 }
 
 namespace {
 
-void check_no_grad_required(at::TensorList tensors, const char* list) {
+void check_no_grad_required(const char* op, at::TensorList tensors, const char* list) {
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK_VALUE(!tensors[i].requires_grad(), "lookahead_update_: ", list, "[", i,
+    TORCH_CHECK_VALUE(!tensors[i].requires_grad(), op, ": ", list, "[", i,
                       "] requires grad; the update overwrites it in place and is not "
                       "differentiable, so call it under torch.no_grad()");
   }
 }
 
-// An explicit autograd kernel instead of torch's boxed fallback: it states the op's autograd
-// behaviour, and spares every call boxing each tensor of both lists.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Explicit autograd kernels instead of torch's boxed fallback: they state the ops' autograd
+// behaviour, and spare every call boxing each tensor of the lists.
 void lookahead_update_autograd(at::TensorList slow, at::TensorList fast, double alpha) {
   if (at::GradMode::is_enabled()) {
-    check_no_grad_required(slow, "slow");
-    check_no_grad_required(fast, "fast");
+    check_no_grad_required("lookahead_update_", slow, "slow");
+    check_no_grad_required("lookahead_update_", fast, "fast");
   }
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lookahead_cuda::lookahead_update_", "")
-                             .typed<void(at::TensorList, at::TensorList, double)>();
+  static const auto op =
+      find_op<void(at::TensorList, at::TensorList, double)>("lookahead_cuda::lookahead_update_");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(slow, fast, alpha);
+}
+
+void lookahead_update_if_autograd(at::TensorList slow, at::TensorList fast, double alpha,
+                                  const at::Tensor& due, const std::optional<at::Tensor>& restore) {
+  if (at::GradMode::is_enabled()) {
+    check_no_grad_required("lookahead_update_if_", slow, "slow");
+    check_no_grad_required("lookahead_update_if_", fast, "fast");
+  }
+  static const auto op =
+      find_op<void(at::TensorList, at::TensorList, double, const at::Tensor&,
+                   const std::optional<at::Tensor>&)>("lookahead_cuda::lookahead_update_if_");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.call(slow, fast, alpha, due, restore);
+}
+
+// Only reads its tensors (which may require grad) and writes a bool flag: nothing to differentiate.
+void found_nonfinite_autograd(at::TensorList tensors, const at::Tensor& found) {
+  static const auto op =
+      find_op<void(at::TensorList, const at::Tensor&)>("lookahead_cuda::found_nonfinite_");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.call(tensors, found);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lookahead_cuda, Autograd, m) {
   m.impl("lookahead_update_", &lookahead_update_autograd);
+  m.impl("lookahead_update_if_", &lookahead_update_if_autograd);
+  m.impl("found_nonfinite_", &found_nonfinite_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -7,12 +7,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "dtype_pairs.h"
 
 namespace lookahead {
 namespace {
+
 
 // torch's Python spelling of a dtype, so messages match what the user wrote.
 std::string dtype_name(c10::ScalarType t) {
@@ -21,6 +23,14 @@ std::string dtype_name(c10::ScalarType t) {
     case c10::ScalarType::Double: return "torch.float64";
     case c10::ScalarType::Half: return "torch.float16";
     case c10::ScalarType::BFloat16: return "torch.bfloat16";
+    case c10::ScalarType::Long: return "torch.int64";
+    case c10::ScalarType::Int: return "torch.int32";
+    case c10::ScalarType::Short: return "torch.int16";
+    case c10::ScalarType::Char: return "torch.int8";
+    case c10::ScalarType::Byte: return "torch.uint8";
+    case c10::ScalarType::Bool: return "torch.bool";
+    case c10::ScalarType::ComplexFloat: return "torch.complex64";
+    case c10::ScalarType::ComplexDouble: return "torch.complex128";
     default: return std::string("torch.") + c10::toString(t);
   }
 }
@@ -29,25 +39,43 @@ std::string name(const char* list, size_t index) {
   return std::string(list) + "[" + std::to_string(index) + "]";
 }
 
-void check_one(const at::Tensor& t, const char* list, size_t index, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.defined(), "lookahead_update_: ", list, "[", index,
-                    "] is an undefined tensor");
-  TORCH_CHECK_TYPE(t.layout() == at::kStrided, "lookahead_update_: ", list, "[", index,
-                   "] has layout ", t.layout(), "; only dense (strided) tensors are supported");
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "lookahead_update_: ", list, "[", index,
+// Checks what every tensor argument must be; `first` names the tensor whose device the others match.
+void check_one(const char* op, const at::Tensor& t, const char* list, size_t index,
+               const at::Device& device, const char* first) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", list, "[", index, "] is an undefined tensor");
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, op, ": ", list, "[", index, "] has layout ",
+                   t.layout(), "; only dense (strided) tensors are supported");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", list, "[", index,
                    "] has dtype ", dtype_name(t.scalar_type()),
-                   "; Lookahead updates floating-point tensors only");
-  TORCH_CHECK_VALUE(t.device() == device, "lookahead_update_: ", list, "[", index, "] is on ",
-                    t.device(), " but slow[0] is on ", device,
+                   "; Lookahead works on floating-point tensors only");
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", list, "[", index, "] is on ", t.device(),
+                    " but ", first, " is on ", device,
                     "; all tensors of a call must be on one device");
-  TORCH_CHECK_VALUE(!t.is_inference() || c10::InferenceMode::is_enabled(), "lookahead_update_: ",
-                    list, "[", index, "] is an inference tensor, which can be updated in place "
-                    "only inside torch.inference_mode()");
+}
+
+// Checks what a tensor the op writes must also be.
+void check_writable(const char* op, const at::Tensor& t, const char* list, size_t index) {
+  TORCH_CHECK_VALUE(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", list,
+                    "[", index, "] is an inference tensor, which can be updated in place only "
+                    "inside torch.inference_mode()");
   // Dense tensors cannot overlap themselves; only the others need the general test.
   TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense() ||
                         at::has_internal_overlap(t) != at::MemOverlap::Yes,
-                    "lookahead_update_: ", list, "[", index, "] has elements that share memory (an "
+                    op, ": ", list, "[", index, "] has elements that share memory (an "
                     "expanded view?); each element must be its own memory location");
+}
+
+// A flag argument: one bool element on the device of the tensors it governs.
+void check_flag(const char* op, const at::Tensor& flag, const char* arg,
+                const std::optional<at::Device>& device) {
+  TORCH_CHECK_VALUE(flag.defined(), op, ": ", arg, " is an undefined tensor");
+  TORCH_CHECK_TYPE(flag.scalar_type() == at::kBool && flag.layout() == at::kStrided, op, ": ",
+                   arg, " must be a dense torch.bool tensor, got ", dtype_name(flag.scalar_type()),
+                   " (", flag.layout(), ")");
+  TORCH_CHECK_VALUE(flag.numel() == 1, op, ": ", arg, " must hold one element, got shape ",
+                    flag.sizes());
+  TORCH_CHECK_VALUE(!device || flag.device() == *device, op, ": ", arg, " is on ", flag.device(),
+                    " but the tensors are on ", *device, "; the kernel reads it on their device");
 }
 
 bool same_element_order(const at::Tensor& slow, const at::Tensor& fast) {
@@ -81,13 +109,13 @@ Extent extent_of(const at::Tensor& t, const void* data, bool known_dense, const 
 
 // Sorting the ranges by start finds any two overlapping tensors in O(n log n), so a call with
 // thousands of parameters (possibly views into one flat buffer) stays cheap to validate.
-void check_no_shared_memory(std::vector<Extent>& extents) {
+void check_no_shared_memory(const char* op, std::vector<Extent>& extents) {
   std::sort(extents.begin(), extents.end(),
             [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < extents.size(); ++i) {
     const Extent& prev = extents[i - 1];
     const Extent& next = extents[i];
-    TORCH_CHECK_VALUE(next.begin >= prev.end, "lookahead_update_: ", name(prev.list, prev.index),
+    TORCH_CHECK_VALUE(next.begin >= prev.end, op, ": ", name(prev.list, prev.index),
                       " and ", name(next.list, next.index),
                       " share memory; every slow and fast tensor must be distinct storage (is the "
                       "same tensor passed twice?)");
@@ -96,12 +124,13 @@ void check_no_shared_memory(std::vector<Extent>& extents) {
 
 }  // namespace
 
-CallPlan plan_lookahead_call(at::TensorList slow, at::TensorList fast, double alpha) {
-  TORCH_CHECK_VALUE(slow.size() == fast.size(), "lookahead_update_: slow has ", slow.size(),
+CallPlan plan_lookahead_call(const char* op, at::TensorList slow, at::TensorList fast,
+                             double alpha) {
+  TORCH_CHECK_VALUE(slow.size() == fast.size(), op, ": slow has ", slow.size(),
                     " tensors but fast has ", fast.size(),
                     "; the lists pair up element by element");
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0.0 && alpha <= 1.0,
-                    "lookahead_update_: alpha must be in (0, 1], got ", alpha);
+                    op, ": alpha must be in (0, 1], got ", alpha);
   CallPlan plan;
   if (slow.empty()) return plan;
 
@@ -114,16 +143,18 @@ CallPlan plan_lookahead_call(at::TensorList slow, at::TensorList fast, double al
   for (size_t i = 0; i < slow.size(); ++i) {
     const at::Tensor& s = slow[i];
     const at::Tensor& f = fast[i];
-    check_one(s, "slow", i, device);
-    check_one(f, "fast", i, device);
-    TORCH_CHECK_VALUE(s.sizes() == f.sizes(), "lookahead_update_: slow[", i, "] has shape ",
+    check_one(op, s, "slow", i, device, "slow[0]");
+    check_one(op, f, "fast", i, device, "slow[0]");
+    check_writable(op, s, "slow", i);
+    check_writable(op, f, "fast", i);
+    TORCH_CHECK_VALUE(s.sizes() == f.sizes(), op, ": slow[", i, "] has shape ",
                       s.sizes(), " but fast[", i, "] has shape ", f.sizes());
     TORCH_CHECK_TYPE(is_supported_pair(s.scalar_type(), f.scalar_type()),
-                     "lookahead_update_: unsupported dtype pair at index ", i, ": slow ",
+                     op, ": unsupported dtype pair at index ", i, ": slow ",
                      dtype_name(s.scalar_type()), ", fast ", dtype_name(f.scalar_type()),
                      "; supported (slow, fast) pairs are ", kSupportedPairsText);
     TORCH_CHECK_TYPE(s.scalar_type() == slow_dtype && f.scalar_type() == fast_dtype,
-                     "lookahead_update_: index ", i, " has dtypes (slow ",
+                     op, ": index ", i, " has dtypes (slow ",
                      dtype_name(s.scalar_type()), ", fast ", dtype_name(f.scalar_type()),
                      ") but index 0 has (slow ", dtype_name(slow_dtype), ", fast ",
                      dtype_name(fast_dtype), "); one call takes one dtype pair, so group tensors "
@@ -142,7 +173,7 @@ CallPlan plan_lookahead_call(at::TensorList slow, at::TensorList fast, double al
     extents.push_back(extent_of(s, s_data, flat, "slow", i));
     extents.push_back(extent_of(f, f_data, flat, "fast", i));
   }
-  check_no_shared_memory(extents);
+  check_no_shared_memory(op, extents);
   return plan;
 }
 
@@ -154,6 +185,62 @@ void update_strided(at::TensorList slow, at::TensorList fast, double alpha,
     slow[i].lerp_(fast[i].to(slow[i].scalar_type()), alpha);
     fast[i].copy_(slow[i]);
   }
+}
+
+void check_flags(at::TensorList slow, const at::Tensor& due,
+                 const std::optional<at::Tensor>& restore) {
+  std::optional<at::Device> device;
+  if (!slow.empty()) device = slow[0].device();
+  check_flag("lookahead_update_if_", due, "due", device);
+  if (restore) check_flag("lookahead_update_if_", *restore, "restore", device);
+}
+
+void update_strided_if(at::TensorList slow, at::TensorList fast, double alpha, const at::Tensor& due,
+                       const std::optional<at::Tensor>& restore,
+                       const std::vector<size_t>& indices) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor due_flag = due.reshape({});
+  const at::Tensor lerp_flag = restore ? due_flag.logical_and(restore->reshape({}).logical_not())
+                                       : due_flag;
+  for (const size_t i : indices) {
+    const at::Tensor lerped = slow[i].lerp(fast[i].to(slow[i].scalar_type()), alpha);
+    slow[i].copy_(at::where(lerp_flag, lerped, slow[i]));
+    fast[i].copy_(at::where(due_flag, slow[i].to(fast[i].scalar_type()), fast[i]));
+  }
+}
+
+CheckPlan plan_nonfinite_check(at::TensorList tensors, const at::Tensor& found) {
+  constexpr const char* kOp = "found_nonfinite_";
+  CheckPlan plan;
+  std::optional<at::Device> device;
+  if (!tensors.empty()) device = tensors[0].device();
+  check_flag(kOp, found, "found", device);
+  TORCH_CHECK_VALUE(!found.is_inference() || c10::InferenceMode::is_enabled(), kOp,
+                    ": found is an inference tensor, which can be updated in place only inside "
+                    "torch.inference_mode()");
+  if (tensors.empty()) return plan;
+  const auto dtype = tensors[0].scalar_type();
+  plan.flat.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    check_one(kOp, t, "tensors", i, *device, "tensors[0]");
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, ": tensors[", i, "] has dtype ",
+                     dtype_name(t.scalar_type()), " but tensors[0] has ", dtype_name(dtype),
+                     "; one call takes one dtype");
+    if (t.numel() == 0) continue;
+    if (t.is_non_overlapping_and_dense()) {
+      plan.flat.push_back({t.data_ptr(), t.numel()});
+    } else {
+      plan.strided.push_back(i);
+    }
+  }
+  return plan;
+}
+
+void found_nonfinite_strided(at::TensorList tensors, const at::Tensor& found,
+                             const std::vector<size_t>& indices) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  for (const size_t i : indices) found.logical_or_(at::isfinite(tensors[i]).logical_not().any());
 }
 
 void bump_versions(at::TensorList slow, at::TensorList fast) {

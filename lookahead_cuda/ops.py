@@ -1,6 +1,7 @@
-"""Python face of the compiled op ``torch.ops.lookahead_cuda.lookahead_update_``.
+"""Python face of the compiled ops ``torch.ops.lookahead_cuda.*``: ``lookahead_update_``, its
+device-gated form ``lookahead_update_if_``, and ``found_nonfinite_``.
 
-Holds the op's fake kernel (for torch.compile and meta tensors) and the foreach fallback used on
+Holds the ops' fake kernels (for torch.compile and meta tensors) and the torch fallbacks used on
 devices for which no kernel was compiled.
 """
 
@@ -50,6 +51,37 @@ def _lookahead_update_fake(
                     f"lookahead_update_: {name}[{i}] is on {t.device} but slow[0] is on "
                     f"{slow[0].device}; all tensors of a call must be on one device"
                 )
+
+
+@torch.library.register_fake("lookahead_cuda::lookahead_update_if_")
+def _lookahead_update_if_fake(
+    slow: list[torch.Tensor],
+    fast: list[torch.Tensor],
+    alpha: float,
+    due: torch.Tensor,
+    restore: torch.Tensor | None = None,
+) -> None:
+    _lookahead_update_fake(slow, fast, alpha)
+    for name, flag in (("due", due), ("restore", restore)):
+        if flag is not None:
+            _check_flag("lookahead_update_if_", name, flag, slow[0].device if slow else None)
+
+
+@torch.library.register_fake("lookahead_cuda::found_nonfinite_")
+def _found_nonfinite_fake(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
+    _check_flag("found_nonfinite_", "found", found, tensors[0].device if tensors else None)
+
+
+def _check_flag(op: str, name: str, flag: torch.Tensor, device: torch.device | None) -> None:
+    if flag.dtype != torch.bool:
+        raise TypeError(f"{op}: {name} must be a torch.bool tensor, got {flag.dtype}")
+    if flag.numel() != 1:
+        raise ValueError(f"{op}: {name} must hold one element, got shape {tuple(flag.shape)}")
+    if device is not None and flag.device != device:
+        raise ValueError(
+            f"{op}: {name} is on {flag.device} but the tensors are on {device}; "
+            "the kernel reads it on their device"
+        )
 
 
 def _check_pairing(
@@ -105,3 +137,51 @@ def foreach_update_(
     fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
     torch._foreach_lerp_(list(slow), fast_as_slow, alpha)
     torch._foreach_copy_(list(fast), list(slow))
+
+
+def lookahead_update_if_(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    alpha: float,
+    due: torch.Tensor,
+    restore: torch.Tensor | None = None,
+) -> None:
+    """:func:`lookahead_update_` decided on the device: the kernel reads the flags itself, so the
+    host never waits for them, and a CUDA graph that captured the call replays the decision::
+
+        if due:
+            if restore:  fast[i].copy_(slow[i])       # divergence guard: slow stays as it is
+            else:        slow[i].lerp_(fast[i], alpha); fast[i].copy_(slow[i])
+
+    Args:
+        slow, fast, alpha: as for :func:`lookahead_update_`.
+        due: one-element ``torch.bool`` tensor on the tensors' device.
+        restore: ``None`` (never restore) or a one-element ``torch.bool`` tensor on that device.
+    """
+    if len(slow) == 0 and len(fast) == 0:
+        return
+    device_type = (slow[0] if len(slow) else fast[0]).device.type
+    if device_type in _KERNEL_DEVICE_TYPES:
+        torch.ops.lookahead_cuda.lookahead_update_if_(list(slow), list(fast), alpha, due, restore)
+        return
+    _check_pairing(slow, fast, alpha)
+    # Elsewhere, the decision through torch.where, so that it stays on the device there too.
+    take_lerp = due if restore is None else due & ~restore
+    for s, f in zip(slow, fast):
+        s.copy_(torch.where(take_lerp, s.lerp(f.to(s.dtype), alpha), s))
+        f.copy_(torch.where(due, s.to(f.dtype), f))
+
+
+def found_nonfinite_(tensors: Sequence[torch.Tensor], found: torch.Tensor) -> None:
+    """Set ``found`` (a one-element ``torch.bool`` tensor on the tensors' device) to True if any
+    element of ``tensors`` (one floating dtype) is NaN or infinite; leave it as it is otherwise.
+
+    One read-only pass on the device; the host does not wait for the answer.
+    """
+    if len(tensors) == 0:
+        return
+    if tensors[0].device.type in _KERNEL_DEVICE_TYPES:
+        torch.ops.lookahead_cuda.found_nonfinite_(list(tensors), found)
+        return
+    for t in tensors:
+        found.logical_or_(~torch.isfinite(t).all())

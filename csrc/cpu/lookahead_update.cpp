@@ -1,23 +1,18 @@
-// CPU backend of lookahead_update_: one parallel region over every tensor of a call.
-//
-// ATen's foreach ops and fused optimizers fork and join the thread pool once per tensor, so a model
-// with thousands of small parameters pays that start-up thousands of times. Here the tensor pairs
-// that are flat arrays form one flattened index space (prefix sums of their sizes) that
-// at::parallel_for splits once; each thread walks the tensors its range overlaps with plain
-// contiguous loops that the compiler vectorises. Any other layout goes through ATen's lerp_/copy_
-// one tensor at a time (op_contract.h).
+// CPU backend of lookahead_update_ and lookahead_update_if_: the tensor pairs that are flat arrays
+// go through one parallel region (parallel_over.h) of plain contiguous loops that the compiler
+// vectorises; any other layout goes through ATen one tensor at a time (op_contract.h).
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "../dtype_pairs.h"
 #include "../lerp.h"
 #include "../op_contract.h"
+#include "parallel_over.h"
 
 // The fused multiply-add must be an instruction, not a libm call, for the loop to stay memory-bound;
 // binaries are built for baseline x86-64, so the fused loops alone are compiled for AVX2+FMA and are
@@ -30,16 +25,6 @@
 
 namespace lookahead {
 namespace {
-
-// Elements per task: large enough that a task's start-up is noise next to streaming its memory.
-constexpr int64_t kGrainSize = 32768;
-
-// The flat pairs laid end to end: begin[i] is the flat index of pair i's first element.
-std::vector<int64_t> flat_offsets(const std::vector<FlatPair>& pairs) {
-  std::vector<int64_t> begin(pairs.size() + 1, 0);
-  for (size_t i = 0; i < pairs.size(); ++i) begin[i + 1] = begin[i] + pairs[i].numel;
-  return begin;
-}
 
 template <bool kFused, bool kSmall, typename S, typename F, typename opmath_t>
 C10_ALWAYS_INLINE void update_loop(S* __restrict__ slow, F* __restrict__ fast, int64_t n,
@@ -85,17 +70,20 @@ void update_flat(const std::vector<FlatPair>& pairs, double alpha) {
     loop = weight.small ? update_unfused<true, S, F, opmath_t>
                         : update_unfused<false, S, F, opmath_t>;
   }
-  const std::vector<int64_t> begin_of = flat_offsets(pairs);
-  at::parallel_for(0, begin_of.back(), kGrainSize, [&](int64_t begin, int64_t end) {
-    auto t = std::upper_bound(begin_of.begin(), begin_of.end(), begin) - begin_of.begin() - 1;
-    while (begin < end) {
-      const int64_t stop = std::min(end, begin_of[t + 1]);
-      const int64_t offset = begin - begin_of[t];
-      loop(static_cast<S*>(pairs[t].slow) + offset, static_cast<F*>(pairs[t].fast) + offset,
-           stop - begin, weight.coeff);
-      begin = stop;
-      ++t;
-    }
+  parallel_over(pairs, [&](size_t t, int64_t offset, int64_t n) {
+    loop(static_cast<S*>(pairs[t].slow) + offset, static_cast<F*>(pairs[t].fast) + offset, n,
+         weight.coeff);
+  });
+}
+
+// The divergence guard's way out: the fast weights restart from the slow ones, which stay as they
+// are (rounded as fast.copy_(slow) rounds).
+template <typename S, typename F>
+void restore_flat(const std::vector<FlatPair>& pairs) {
+  parallel_over(pairs, [&](size_t t, int64_t offset, int64_t n) {
+    const S* __restrict__ slow = static_cast<const S*>(pairs[t].slow) + offset;
+    F* __restrict__ fast = static_cast<F*>(pairs[t].fast) + offset;
+    for (int64_t i = 0; i < n; ++i) fast[i] = static_cast<F>(slow[i]);
   });
 }
 
@@ -107,15 +95,35 @@ void lookahead_update_cpu(at::TensorList slow, at::TensorList fast, double alpha
   });
 }
 
+// The flags live in host memory here, so they are read before any work is started.
+void lookahead_update_if_cpu(at::TensorList slow, at::TensorList fast, double alpha,
+                             const at::Tensor& due, const std::optional<at::Tensor>& restore) {
+  lookahead_update_if_with(slow, fast, alpha, due, restore, [&](const std::vector<FlatPair>& flat) {
+    if (!due.item<bool>()) return;
+    const bool restoring = restore && restore->item<bool>();
+    dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
+      using S = typename decltype(s)::type;
+      using F = typename decltype(f)::type;
+      if (restoring) {
+        restore_flat<S, F>(flat);
+      } else {
+        update_flat<S, F>(flat, alpha);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lookahead_cuda, CPU, m) {
   m.impl("lookahead_update_", &lookahead_update_cpu);
+  m.impl("lookahead_update_if_", &lookahead_update_if_cpu);
 }
 
 // Sparse tensors dispatch here rather than to CPU; the validation rejects them with a clear message.
 TORCH_LIBRARY_IMPL(lookahead_cuda, SparseCPU, m) {
   m.impl("lookahead_update_", &lookahead_update_cpu);
+  m.impl("lookahead_update_if_", &lookahead_update_if_cpu);
 }
 
 }  // namespace lookahead

@@ -1,5 +1,5 @@
-// The project's own multi-tensor apply: one kernel launch updates a whole list of (slow, fast)
-// tensor pairs in place, element by element, with an Op that holds only the per-element math.
+// The project's own multi-tensor apply: one kernel launch visits every element of a whole list of
+// tensors (or of (slow, fast) tensor pairs, updated in place by an Op that holds only the math).
 //
 // Why it looks like this:
 // - The table of tensors (addresses, sizes, chunk prefix) goes BY VALUE as a kernel parameter. The
@@ -11,9 +11,9 @@
 //   parameter space caps a launch at a few hundred blocks and longer lists are split into many short
 //   launches, which "led to low sustained occupancy" (PR 119153). Here each block walks chunks in a
 //   grid-stride loop and finds a chunk's tensor by binary search over a per-tensor prefix of chunk
-//   counts. The table then costs 28 bytes per tensor and none per block: in the 32 KB parameter
-//   space of CUDA 12.1+ one launch covers 1167 tensors (143 in 4 KB), every parameter of GPT-2 or
-//   of a 7B transformer, and the grid is sized to fill the GPU once.
+//   counts. The table then costs 28 bytes per tensor pair and none per block: in the 32 KB parameter
+//   space of CUDA 12.1+ one launch covers 1167 pairs (143 in 4 KB), every parameter of GPT-2 or of
+//   a 7B transformer, and the grid is sized to fill the GPU once.
 // - 16-byte vector accesses for the aligned bulk of each chunk and a scalar loop for its tail: a
 //   tensor whose size is not a multiple of the vector width loses speed on a few elements only.
 #pragma once
@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <climits>
 #include <cstddef>
@@ -58,21 +59,23 @@ constexpr int64_t kMaxChunksPerLaunch = INT32_MAX / 2;
 
 // Room kept for the Op and any parameter added after the table.
 constexpr size_t kReservedParamBytes = 64;
-constexpr size_t kBytesPerTensor = 2 * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t);
-constexpr int kTensorsPerLaunch =
-    static_cast<int>((kParamBytes - kReservedParamBytes - 2 * sizeof(int32_t)) / kBytesPerTensor);
 
-// One launch's tensors, struct-of-arrays so the binary search touches one dense array.
-struct PairTable {
-  void* slow[kTensorsPerLaunch];
-  void* fast[kTensorsPerLaunch];
-  int64_t numel[kTensorsPerLaunch];
-  int32_t first_chunk[kTensorsPerLaunch];  // chunk index where tensor i starts; strictly increasing
+// One launch's tensors, struct-of-arrays so the binary search touches one dense array; data[l][i]
+// is tensor i of list l.
+template <int kLists>
+struct TensorTable {
+  static constexpr int kCapacity = static_cast<int>(
+      (kParamBytes - kReservedParamBytes - 2 * sizeof(int32_t)) /
+      (kLists * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t)));
+  void* data[kLists][kCapacity];
+  int64_t numel[kCapacity];
+  int32_t first_chunk[kCapacity];  // chunk index where tensor i starts; strictly increasing
   int32_t count;
   int32_t total_chunks;
 };
-static_assert(sizeof(PairTable) + kReservedParamBytes <= kParamBytes,
-              "PairTable no longer fits the kernel parameter space");
+static_assert(sizeof(TensorTable<1>) + kReservedParamBytes <= kParamBytes &&
+                  sizeof(TensorTable<2>) + kReservedParamBytes <= kParamBytes,
+              "TensorTable no longer fits the kernel parameter space");
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -91,7 +94,8 @@ __device__ __forceinline__ bool is_aligned(const T* p, int bytes) {
 
 // The last tensor in [lo, count) whose first chunk is <= c. Every thread of the block searches the
 // same entries, so each read is a broadcast from the constant cache.
-__device__ __forceinline__ int find_tensor(const PairTable& table, int c, int lo) {
+template <int kLists>
+__device__ __forceinline__ int find_tensor(const TensorTable<kLists>& table, int c, int lo) {
   int hi = table.count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -153,23 +157,37 @@ __device__ __forceinline__ void apply_chunk(S* __restrict__ slow, F* __restrict_
   }
 }
 
-template <typename S, typename F, typename Op>
-__global__ void __launch_bounds__(kBlockSize)
-    pairwise_kernel(const LOOKAHEAD_GRID_CONSTANT PairTable table, const Op op) {
+// Calls visit(t, begin, n) for each chunk of the table that this block owns: n elements (at most
+// kChunkSize) of tensor t starting at element begin.
+template <int kLists, typename Visit>
+__device__ __forceinline__ void for_each_chunk(const TensorTable<kLists>& table, const Visit& visit) {
   int t = 0;  // chunks only grow along the loop, so each search starts from the last tensor found
   for (int c = blockIdx.x; c < table.total_chunks; c += gridDim.x) {
     t = find_tensor(table, c, t);
     const int64_t begin = static_cast<int64_t>(c - table.first_chunk[t]) * kChunkSize;
     const int64_t left = table.numel[t] - begin;
-    const int n = left < kChunkSize ? static_cast<int>(left) : kChunkSize;
-    apply_chunk(static_cast<S*>(table.slow[t]) + begin, static_cast<F*>(table.fast[t]) + begin, n,
-                op);
+    visit(t, begin, left < kChunkSize ? static_cast<int>(left) : kChunkSize);
   }
 }
 
-// Blocks that fit on the device at once: the grid that keeps it full without a second wave. Cached
-// per device and kernel; concurrent first calls compute the same value, so relaxed atomics suffice.
+// Op::prepare() runs once per thread before any element is touched: it reads whatever the Op takes
+// from device memory (a flag decided by earlier kernels) and returns false when there is nothing
+// to do, so a gated launch costs one read per thread instead of a pass over memory.
 template <typename S, typename F, typename Op>
+__global__ void __launch_bounds__(kBlockSize)
+    pairwise_kernel(const LOOKAHEAD_GRID_CONSTANT TensorTable<2> table, const Op op) {
+  Op prepared = op;
+  if (!prepared.prepare()) return;
+  for_each_chunk(table, [&](int t, int64_t begin, int n) {
+    apply_chunk(static_cast<S*>(table.data[0][t]) + begin,
+                static_cast<F*>(table.data[1][t]) + begin, n, prepared);
+  });
+}
+
+// Blocks of kKernel that fit on the device at once: the grid that keeps it full without a second
+// wave. Cached per device and kernel; concurrent first calls compute the same value, so relaxed
+// atomics suffice.
+template <auto kKernel>
 int resident_blocks(int device) {
   static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];
   TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS);
@@ -179,7 +197,7 @@ int resident_blocks(int device) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, pairwise_kernel<S, F, Op>, kBlockSize, /*dynamicSMemSize=*/0));
+        &per_sm, kKernel, kBlockSize, /*dynamicSMemSize=*/0));
     blocks = std::max(1, sms * per_sm);
     cache[device].store(blocks, std::memory_order_relaxed);
   }
@@ -200,44 +218,54 @@ inline void check_driver_takes_large_params() {
 #endif
 }
 
-// Applies op(slow_element, fast_element) to every element of every pair, on `stream`, in
-// ceil(pairs / kTensorsPerLaunch) launches. Pairs must be non-empty. Nothing is allocated or copied
-// to the device, so the call can be captured in a CUDA graph.
-template <typename S, typename F, typename Op>
-void apply_pairwise(const std::vector<FlatPair>& pairs, const Op& op, cudaStream_t stream,
-                    int device) {
-  constexpr size_t kOpOffset = (sizeof(PairTable) + alignof(Op) - 1) / alignof(Op) * alignof(Op);
-  static_assert(kOpOffset + sizeof(Op) <= kParamBytes,
-                "the table and the Op together exceed the kernel parameter space");
+// Packs items (anything with a non-zero `numel`; addresses(item) gives its kLists data pointers)
+// into as few tables as fit, and calls launch(table) for each.
+template <int kLists, typename Item, typename Addresses, typename Launch>
+void for_each_table(const std::vector<Item>& items, const Addresses& addresses,
+                    const Launch& launch) {
+  using Table = TensorTable<kLists>;
   check_driver_takes_large_params();
-  const int max_grid = resident_blocks<S, F, Op>(device);
-
-  PairTable table;
+  Table table;
   table.count = 0;
   table.total_chunks = 0;
-  auto launch = [&] {
-    const int grid = std::min(table.total_chunks, max_grid);
-    pairwise_kernel<S, F><<<grid, kBlockSize, 0, stream>>>(table, op);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    table.count = 0;
-    table.total_chunks = 0;
-  };
-  for (const FlatPair& pair : pairs) {
-    TORCH_INTERNAL_ASSERT(pair.numel > 0);
-    const int64_t chunks = (pair.numel + kChunkSize - 1) / kChunkSize;
-    TORCH_CHECK(chunks <= kMaxChunksPerLaunch, "lookahead_cuda: a tensor of ", pair.numel,
+  for (const Item& item : items) {
+    TORCH_INTERNAL_ASSERT(item.numel > 0);
+    const int64_t chunks = (item.numel + kChunkSize - 1) / kChunkSize;
+    TORCH_CHECK(chunks <= kMaxChunksPerLaunch, "lookahead_cuda: a tensor of ", item.numel,
                 " elements is beyond what one launch indexes");
-    if (table.count == kTensorsPerLaunch || table.total_chunks + chunks > kMaxChunksPerLaunch) {
-      launch();
+    if (table.count == Table::kCapacity || table.total_chunks + chunks > kMaxChunksPerLaunch) {
+      launch(table);
+      table.count = 0;
+      table.total_chunks = 0;
     }
-    table.slow[table.count] = pair.slow;
-    table.fast[table.count] = pair.fast;
-    table.numel[table.count] = pair.numel;
+    const auto pointers = addresses(item);
+    for (int l = 0; l < kLists; ++l) table.data[l][table.count] = pointers[l];
+    table.numel[table.count] = item.numel;
     table.first_chunk[table.count] = table.total_chunks;
     table.total_chunks += static_cast<int32_t>(chunks);
     ++table.count;
   }
-  if (table.count > 0) launch();
+  if (table.count > 0) launch(table);
+}
+
+// Applies op(slow_element, fast_element) to every element of every pair, on `stream`, in
+// ceil(pairs / TensorTable<2>::kCapacity) launches. Pairs must be non-empty. Nothing is allocated or
+// copied to the device, so the call can be captured in a CUDA graph.
+template <typename S, typename F, typename Op>
+void apply_pairwise(const std::vector<FlatPair>& pairs, const Op& op, cudaStream_t stream,
+                    int device) {
+  constexpr size_t kOpOffset =
+      (sizeof(TensorTable<2>) + alignof(Op) - 1) / alignof(Op) * alignof(Op);
+  static_assert(kOpOffset + sizeof(Op) <= kParamBytes,
+                "the table and the Op together exceed the kernel parameter space");
+  const int max_grid = resident_blocks<pairwise_kernel<S, F, Op>>(device);
+  for_each_table<2>(
+      pairs, [](const FlatPair& pair) { return std::array<void*, 2>{pair.slow, pair.fast}; },
+      [&](const TensorTable<2>& table) {
+        const int grid = std::min(table.total_chunks, max_grid);
+        pairwise_kernel<S, F><<<grid, kBlockSize, 0, stream>>>(table, op);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace mta

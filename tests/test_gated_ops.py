@@ -1,0 +1,204 @@
+"""lookahead_update_if_ and found_nonfinite_, the ops of syncs decided on the device, against
+torch's own ops; on the CPU, and on CUDA when a GPU is present."""
+
+import pytest
+import torch
+from conftest import DTYPE_PAIRS, reference_update_
+
+import lookahead_cuda
+
+update_if = torch.ops.lookahead_cuda.lookahead_update_if_
+found_nonfinite = torch.ops.lookahead_cuda.found_nonfinite_
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and lookahead_cuda.build_info()["cuda"]),
+            reason="needs a GPU and a build with the CUDA kernels",
+        ),
+    ),
+]
+# Flat pairs, a pair with different layouts (ATen's path), and an empty one.
+SHAPES = [(70001,), (3,), (33, 39), (0,), (65537,)]
+
+
+def random_pairs(slow_dtype, fast_dtype, device):
+    slow = [torch.randn(s, dtype=torch.float64).to(device, slow_dtype) for s in SHAPES]
+    fast = [torch.randn(s, dtype=torch.float64).to(device, fast_dtype) for s in SHAPES]
+    fast[2] = fast[2].t().contiguous().t()  # same shape, column-major
+    return slow, fast
+
+
+def flag(value, device):
+    return torch.tensor(value, device=device)
+
+
+def clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+def assert_bitwise(actual, expected):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, i
+        assert torch.equal(a.contiguous().view(torch.uint8), e.contiguous().view(torch.uint8)), i
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
+def test_not_due_writes_nothing(device, slow_dtype, fast_dtype):
+    slow, fast = random_pairs(slow_dtype, fast_dtype, device)
+    before = clones(slow + fast)
+    update_if(slow, fast, 0.5, flag(False, device), flag(True, device))
+    assert_bitwise(slow + fast, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("restore", [None, False])
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 1.0])
+def test_due_is_the_update(device, slow_dtype, fast_dtype, restore, alpha):
+    slow, fast = random_pairs(slow_dtype, fast_dtype, device)
+    slow_ref, fast_ref = clones(slow), clones(fast)
+    reference_update_(slow_ref, fast_ref, alpha)
+    restore_flag = None if restore is None else flag(restore, device)
+    update_if(slow, fast, alpha, flag(True, device), restore_flag)
+    assert_bitwise(slow + fast, slow_ref + fast_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
+def test_restore_copies_slow_into_fast_and_keeps_slow(device, slow_dtype, fast_dtype):
+    slow, fast = random_pairs(slow_dtype, fast_dtype, device)
+    fast[1][1] = float("nan")
+    fast[0][-1] = float("inf")
+    slow_before = clones(slow)
+    update_if(slow, fast, 0.5, flag(True, device), flag(True, device))
+    assert_bitwise(slow, slow_before)
+    assert_bitwise(fast, [s.to(f.dtype) for s, f in zip(slow_before, fast)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_element_flags_of_any_shape_and_version_bumps(device):
+    slow, fast = random_pairs(torch.float32, torch.float32, device)
+    before = [t._version for t in slow + fast]
+    slow_ref, fast_ref = clones(slow), clones(fast)
+    reference_update_(slow_ref, fast_ref, 0.5)
+    update_if(slow, fast, 0.5, torch.ones(1, 1, dtype=torch.bool, device=device))
+    assert_bitwise(slow + fast, slow_ref + fast_ref)
+    assert all(t._version > v for t, v in zip(slow + fast, before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_found_nonfinite_sees_every_element(device, dtype, bad):
+    sizes = [70001, 3, 0, 65537, 1, 5000]
+    # The bad value at chunk and grain boundaries, at the very start, and at the very end.
+    for tensor_index, element in [(0, 0), (0, 65535), (0, 65536), (3, 65536), (5, 4999), (4, 0)]:
+        tensors = [torch.randn(n, dtype=torch.float64).to(device, dtype) for n in sizes]
+        tensors[tensor_index][element] = bad
+        found = flag(False, device)
+        found_nonfinite(tensors, found)
+        assert found.item(), (tensor_index, element)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_found_nonfinite_leaves_finite_tensors_alone(device, dtype):
+    info = torch.finfo(dtype)
+    tensors = [torch.randn(n, dtype=torch.float64).to(device, dtype) for n in [70001, 3, 0]]
+    tensors[1][0], tensors[1][1], tensors[1][2] = info.max, -info.max, info.tiny / 2
+    before = clones(tensors)
+    found = flag(False, device)
+    found_nonfinite(tensors, found)
+    assert not found.item()
+    assert_bitwise(tensors, before)
+    found = flag(True, device)
+    found_nonfinite(tensors, found)
+    assert found.item()  # a flag already raised stays raised
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_nonfinite_in_strided_tensors(device):
+    base = torch.randn(40, 30, device=device)
+    base[3, 7] = float("nan")
+    found = flag(False, device)
+    found_nonfinite([base[:, ::2], base[:, 1::2]], found)
+    assert found.item()
+    found = flag(False, device)
+    found_nonfinite([base[:, 1::2]], found)  # column 7 is odd: not in the even-column view
+    assert found.item()
+    found = flag(False, device)
+    found_nonfinite([base[:, ::2]], found)
+    assert not found.item()
+
+
+def test_opcheck():
+    slow, fast = random_pairs(torch.float32, torch.bfloat16, "cpu")
+    torch.library.opcheck(update_if, (slow, fast, 0.5, flag(True, "cpu"), flag(False, "cpu")))
+    torch.library.opcheck(update_if, (slow, fast, 0.25, flag(False, "cpu"), None))
+    tensors = [torch.randn(5), torch.randn(3, 3)]
+    torch.library.opcheck(found_nonfinite, (tensors, flag(False, "cpu")))
+
+
+def test_compile_without_graph_breaks():
+    def sync(slow, fast, counter, k):
+        bad = torch.zeros((), dtype=torch.bool)
+        found_nonfinite(fast, bad)
+        update_if(slow, fast, 0.5, counter >= k, bad)
+
+    compiled = torch.compile(sync, fullgraph=True, backend="aot_eager")
+    slow, fast = random_pairs(torch.float32, torch.float32, "cpu")
+    slow_ref, fast_ref = clones(slow), clones(fast)
+    compiled(slow, fast, torch.tensor(1.0), 2)
+    assert_bitwise(slow + fast, slow_ref + fast_ref)
+    compiled(slow, fast, torch.tensor(2.0), 2)
+    reference_update_(slow_ref, fast_ref, 0.5)
+    assert_bitwise(slow + fast, slow_ref + fast_ref)
+
+
+@pytest.mark.parametrize(
+    ("due", "restore", "error", "match"),
+    [
+        (torch.tensor(1.0), None, TypeError, r"due must be a dense torch\.bool tensor"),
+        (torch.tensor([True, False]), None, ValueError, r"due must hold one element"),
+        (torch.tensor(True), torch.tensor(1), TypeError, r"restore must be a dense torch\.bool"),
+        (torch.tensor(True, device="meta"), None, ValueError, r"due is on meta"),
+    ],
+)
+def test_bad_flags_change_nothing(due, restore, error, match):
+    slow, fast = random_pairs(torch.float32, torch.float32, "cpu")
+    before = clones(slow + fast)
+    with pytest.raises(error, match=match):
+        update_if(slow, fast, 0.5, due, restore)
+    assert_bitwise(slow + fast, before)
+
+
+def test_found_nonfinite_rejects_bad_input():
+    with pytest.raises(TypeError, match=r"found must be a dense torch\.bool tensor"):
+        found_nonfinite([torch.randn(3)], torch.tensor(0.0))
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch\.float64"):
+        found_nonfinite([torch.randn(3), torch.randn(3, dtype=torch.float64)], flag(False, "cpu"))
+    with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch\.int64"):
+        found_nonfinite([torch.arange(3)], flag(False, "cpu"))
+
+
+def test_python_fallbacks_decide_the_same_way(monkeypatch):
+    """Devices without a kernel get the same decisions through torch.where."""
+    from lookahead_cuda import ops
+
+    monkeypatch.setattr(ops, "_KERNEL_DEVICE_TYPES", frozenset())
+    for due, restore in [(False, None), (True, None), (True, False), (True, True)]:
+        slow, fast = random_pairs(torch.float32, torch.bfloat16, "cpu")
+        want_slow, want_fast = clones(slow), clones(fast)
+        update_if(want_slow, want_fast, 0.3, flag(due, "cpu"), flag(restore or False, "cpu"))
+        restore_flag = None if restore is None else flag(restore, "cpu")
+        ops.lookahead_update_if_(slow, fast, 0.3, flag(due, "cpu"), restore_flag)
+        assert_bitwise(slow + fast, want_slow + want_fast)
+    finite = [torch.randn(7), torch.randn(3, 3).t()]
+    for tensors, want in [(finite, False), ([*finite, torch.tensor([1.0, float("inf")])], True)]:
+        found = flag(False, "cpu")
+        ops.found_nonfinite_(tensors, found)
+        assert found.item() == want
