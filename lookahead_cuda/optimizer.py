@@ -10,7 +10,12 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS, lookahead_update_
+from lookahead_cuda.ops import (
+    SUPPORTED_DTYPE_PAIRS,
+    found_nonfinite_,
+    lookahead_update_,
+    lookahead_update_if_,
+)
 
 # Lookahead's settings live in every param group next to the inner optimizer's hyperparameters
 # (prefixed: RMSprop already has an `alpha`), so they can differ per group, are changed the way a
@@ -19,11 +24,13 @@ K = "lookahead_k"
 ALPHA = "lookahead_alpha"
 INNER_STATE = "lookahead_inner_state"
 SLOW_DTYPE = "lookahead_slow_dtype"
+NONFINITE = "lookahead_nonfinite"
 
 # Per-parameter entries that Lookahead adds to state_dict()["state"][i], beside the inner state.
 STATE_PREFIX = "lookahead_"
 
 INNER_STATE_MODES = ("keep", "reset", "pullback")
+NONFINITE_MODES = ("propagate", "restore")
 SLOW_DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # First-moment buffers that "pullback" interpolates: SGD and RMSprop keep `momentum_buffer` (when
@@ -37,6 +44,9 @@ _WITHOUT_FIRST_MOMENT = tuple(
 
 # (device, slow dtype, fast dtype), or with the alpha in front when groups are merged for a call.
 _Buckets = dict[tuple[Any, ...], tuple[list[torch.Tensor], list[torch.Tensor]]]
+# A group's sync decided on the device: (due, restore), one-element bool tensors or None (due: the
+# host already knows the group is due; restore: the divergence guard is off).
+_Flags = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 def _check_settings(settings: Mapping[str, Any], where: str) -> None:
@@ -50,6 +60,11 @@ def _check_settings(settings: Mapping[str, Any], where: str) -> None:
         raise ValueError(
             f"Invalid inner_state in {where}: {settings[INNER_STATE]!r}; "
             f"expected one of {INNER_STATE_MODES}"
+        )
+    if settings[NONFINITE] not in NONFINITE_MODES:
+        raise ValueError(
+            f"Invalid nonfinite in {where}: {settings[NONFINITE]!r}; "
+            f"expected one of {NONFINITE_MODES}"
         )
     if settings[SLOW_DTYPE] not in SLOW_DTYPES:
         raise ValueError(
@@ -120,13 +135,29 @@ class Lookahead(Optimizer):
         slow_dtype (torch.dtype, optional): dtype of the slow weights; ``None`` keeps each
             parameter's dtype, ``torch.float32`` keeps fp32 slow weights (and fp32 slow copies of
             pulled-back buffers) for fp16/bf16 parameters (default: None).
+        nonfinite (str, optional): what a slow update does when a fast weight of the group is NaN
+            or infinite (default: ``"propagate"``):
 
-    ``k``, ``alpha``, ``inner_state`` and ``slow_dtype`` are stored in every param group as
-    ``lookahead_k``, ``lookahead_alpha``, ``lookahead_inner_state`` and ``lookahead_slow_dtype``;
-    set them per group there, or for all groups through the attributes of the same names. The step
-    count since the last slow update is a tensor in :attr:`lookahead_state`, as torch.optim keeps
-    ``step``. Parameters without a gradient still take part in slow updates (their slow weights
-    simply equal the fast ones).
+            * ``"propagate"``: nothing special; the non-finite values reach the slow weights;
+            * ``"restore"``: the divergence guard. The group's fast weights (and pulled-back
+              buffers) restart from their slow copies, which are left untouched, so a blow-up
+              between two syncs cannot poison them; :attr:`nonfinite_restores` counts these. The
+              check is one more read of the fast weights at each sync, decided on the device.
+        capturable (bool, optional): decide every sync on the device (default: False). The step
+            counters live on the parameters' device and each step launches the gated kernel,
+            which reads the counter itself: no host synchronization and no Python branch on a
+            tensor, so a whole training step can be captured in a CUDA graph and replayed, with
+            the slow update happening on exactly every k-th replay. ``k`` and ``alpha`` are
+            captured with the graph. Not with ``inner_state="reset"``, which the host must see.
+
+    ``k``, ``alpha``, ``inner_state``, ``slow_dtype`` and ``nonfinite`` are stored in every param
+    group as ``lookahead_k``, ``lookahead_alpha``, ``lookahead_inner_state``,
+    ``lookahead_slow_dtype`` and ``lookahead_nonfinite``; set them per group there, or for all
+    groups through the attributes of the same names. The step count since the last slow update is
+    a tensor in :attr:`lookahead_state`, as torch.optim keeps ``step``, so ``torch.compile`` does
+    not recompile as it advances (inside a compiled step, syncs are decided on the device as with
+    ``capturable``). Parameters without a gradient still take part in slow updates (their slow
+    weights simply equal the fast ones).
     """
 
     def __init__(
@@ -136,6 +167,8 @@ class Lookahead(Optimizer):
         alpha: float = 0.5,
         inner_state: str = "keep",
         slow_dtype: torch.dtype | None = None,
+        nonfinite: str = "propagate",
+        capturable: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -143,8 +176,16 @@ class Lookahead(Optimizer):
             )
         if isinstance(optimizer, Lookahead):
             raise TypeError("Lookahead cannot wrap another Lookahead")
-        settings = {K: k, ALPHA: alpha, INNER_STATE: inner_state, SLOW_DTYPE: slow_dtype}
+        settings = {
+            K: k,
+            ALPHA: alpha,
+            INNER_STATE: inner_state,
+            SLOW_DTYPE: slow_dtype,
+            NONFINITE: nonfinite,
+        }
         _check_settings(settings, "Lookahead()")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"Invalid capturable: {capturable!r}; expected True or False")
         if inner_state == "pullback" and isinstance(optimizer, _WITHOUT_FIRST_MOMENT):
             raise ValueError(
                 f"inner_state='pullback' interpolates first-moment buffers "
@@ -156,8 +197,10 @@ class Lookahead(Optimizer):
 
         self.optimizer = optimizer
         self._settings = settings
+        self.capturable = capturable
         #: Lookahead's own per-parameter state: ``slow_param``, the pullback buffers' slow copies
-        #: (``slow_exp_avg``, ...), and in each group's first parameter the ``step`` counter.
+        #: (``slow_exp_avg``, ...), and in each group's first parameter the ``step`` counter (and
+        #: with ``nonfinite="restore"``, the ``nonfinite_restores`` count).
         self.lookahead_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
         self._needs_slow_weights = True
         self._bucket_cache: dict[int, _Buckets] = {}
@@ -200,7 +243,8 @@ class Lookahead(Optimizer):
         return (
             f"Lookahead(k={self._settings[K]}, alpha={self._settings[ALPHA]}, "
             f"inner_state={self._settings[INNER_STATE]!r}, "
-            f"slow_dtype={self._settings[SLOW_DTYPE]},\n{inner}\n)"
+            f"slow_dtype={self._settings[SLOW_DTYPE]}, nonfinite={self._settings[NONFINITE]!r}, "
+            f"capturable={self.capturable},\n{inner}\n)"
         )
 
     # -- settings -----------------------------------------------------------------------------
@@ -228,6 +272,7 @@ class Lookahead(Optimizer):
     slow_dtype = _AllGroups(
         SLOW_DTYPE, "Dtype of slow weights taken from now on (None: each parameter's own)."
     )
+    nonfinite = _AllGroups(NONFINITE, "What a slow update does with non-finite fast weights.")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer; Lookahead settings the group does not name
@@ -254,6 +299,11 @@ class Lookahead(Optimizer):
         """
         for group in self.param_groups:
             _check_settings(group, "a param group")
+            if self.capturable and group[INNER_STATE] == "reset":
+                raise ValueError(
+                    "inner_state='reset' drops the inner optimizer's state on the host, which a "
+                    "capturable Lookahead never consults; use 'keep' or 'pullback'"
+                )
         self._take_slow_weights()
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
@@ -271,7 +321,7 @@ class Lookahead(Optimizer):
         return loss
 
     def _count_step(self, found_inf: torch.Tensor | None) -> None:
-        due = []
+        on_host, on_device = [], []
         for group in self.param_groups:
             if not group["params"]:
                 continue
@@ -279,22 +329,56 @@ class Lookahead(Optimizer):
             if found_inf is None:
                 counter += 1
             else:
+                if found_inf.device.type != "cpu" and counter.device != found_inf.device:
+                    # A fused inner optimizer learns of a skipped step on the device only: count
+                    # there from now on, rather than wait for the device at every step.
+                    counter = self._move_counter(group, found_inf.device)
                 counter += 1 - found_inf.to(counter.device, counter.dtype)
-            if counter >= group[K]:
-                due.append(group)
-        if due:
-            self._slow_update(due)
+            if self._decides_on_device(counter) and group[INNER_STATE] != "reset":
+                on_device.append(group)
+            elif counter >= group[K]:
+                on_host.append(group)
+        if on_host:
+            self._slow_update(on_host, gated=False)
+        if on_device:
+            self._slow_update(on_device, gated=True)
+
+    def _decides_on_device(self, counter: torch.Tensor) -> bool:
+        # A Python branch on a tensor would break a compiled graph; one on a device tensor would
+        # wait for the device.
+        return self.capturable or counter.device.type != "cpu" or torch.compiler.is_compiling()
 
     def sync(self) -> None:
         """Run the slow update now for every param group, and restart their k counts."""
         with torch.no_grad():
             self._take_slow_weights()
-            self._slow_update([group for group in self.param_groups if group["params"]])
+            self._slow_update([group for group in self.param_groups if group["params"]], False)
+
+    @property
+    def nonfinite_restores(self) -> int:
+        """How many group syncs found a non-finite fast weight and restored the slow weights
+        (``nonfinite="restore"``), summed over the param groups. Reading it waits for the device."""
+        counts = [
+            self.lookahead_state[group["params"][0]].get("nonfinite_restores")
+            for group in self.param_groups
+            if group["params"]
+        ]
+        return sum(int(count.item()) for count in counts if count is not None)
 
     def _counter(self, group: Mapping[str, Any]) -> torch.Tensor:
         # Kept with the group's first parameter, as torch.optim.LBFGS keeps its global state, so
         # that state_dict() stays in torch.optim's layout (parameter index -> tensors).
         return self.lookahead_state[group["params"][0]]["step"]
+
+    def _move_counter(self, group: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+        ours = self.lookahead_state[group["params"][0]]
+        ours["step"] = ours["step"].to(device)
+        return ours["step"]
+
+    def _counter_device(self, first_param: torch.Tensor) -> torch.device:
+        if self.capturable or torch.compiler.is_compiling():
+            return first_param.device
+        return torch.device("cpu")
 
     @torch.no_grad()
     def _take_slow_weights(self) -> None:
@@ -311,16 +395,38 @@ class Lookahead(Optimizer):
             self.lookahead_state[param]["slow_param"] = param.detach().to(dtype, copy=True)
         for group in self.param_groups:
             if group["params"]:
-                self.lookahead_state[group["params"][0]].setdefault(
-                    "step", torch.zeros((), dtype=torch.float32)
+                ours = self.lookahead_state[group["params"][0]]
+                ours.setdefault(
+                    "step",
+                    torch.zeros(
+                        (), dtype=torch.float32, device=self._counter_device(group["params"][0])
+                    ),
                 )
+                if group[NONFINITE] == "restore":
+                    self._restores(group)
         self._needs_slow_weights = False
+        # Built here rather than at the first sync, so that a compiled step finds them ready and
+        # is not recompiled when they appear.
         self._bucket_cache.clear()
+        for group in self.param_groups:
+            self._weight_buckets(group)
 
-    def _slow_update(self, groups: list[dict[str, Any]]) -> None:
+    def _restores(self, group: Mapping[str, Any]) -> torch.Tensor:
+        """The group's count of restoring syncs, on its device, created at first need."""
+        ours = self.lookahead_state[group["params"][0]]
+        if "nonfinite_restores" not in ours:
+            ours["nonfinite_restores"] = torch.zeros(
+                (), dtype=torch.float32, device=group["params"][0].device
+            )
+        return ours["nonfinite_restores"]
+
+    def _slow_update(self, groups: list[dict[str, Any]], gated: bool) -> None:
+        """The slow update of groups: of each one (gated=False: the host knows they are due), or
+        of each one whose counter has reached k, decided on the device (gated=True)."""
+        flags = {id(group): self._flags(group, gated) for group in groups}
         completed: list[list[torch.Tensor]] = []  # the fast lists of the calls that went through
         try:
-            self._run_buckets(groups, completed, skip=set())
+            self._run_buckets(groups, flags, completed, skip=set())
         except (RuntimeError, TypeError, ValueError):
             # A rejected call changed nothing. If parameters moved (model.to(...)) since the slow
             # weights were taken, follow them and finish the pairs not yet updated; otherwise the
@@ -328,38 +434,81 @@ class Lookahead(Optimizer):
             if not self._follow_parameters():
                 raise
             done = {id(f) for fast in completed for f in fast}
-            self._run_buckets(groups, completed, skip=done)
+            self._run_buckets(groups, flags, completed, skip=done)
         for group in groups:
-            self._counter(group).zero_()
+            due, restore = flags[id(group)]
+            counter = self._counter(group)
+            if due is None:
+                counter.zero_()
+            else:
+                counter.masked_fill_(due, 0)
+            if restore is not None:
+                restored = restore if due is None else restore & due.to(restore.device)
+                self._restores(group).add_(restored)
             if group[INNER_STATE] == "reset":
                 for param in group["params"]:
                     self.optimizer.state.pop(param, None)
 
+    def _flags(self, group: dict[str, Any], gated: bool) -> _Flags:
+        due = self._counter(group) >= group[K] if gated else None
+        if group[NONFINITE] != "restore":
+            return due, None
+        device = group["params"][0].device
+        restore = torch.zeros((), dtype=torch.bool, device=device)
+        for (bucket_device, _, _), (_, fast) in self._weight_buckets(group).items():
+            if bucket_device == device:
+                found_nonfinite_(fast, restore)
+            else:
+                found = torch.zeros((), dtype=torch.bool, device=bucket_device)
+                found_nonfinite_(fast, found)
+                restore |= found.to(device)
+        return due, restore
+
     def _run_buckets(
-        self, groups: list[dict[str, Any]], completed: list[list[torch.Tensor]], skip: set[int]
+        self,
+        groups: list[dict[str, Any]],
+        flags: dict[int, _Flags],
+        completed: list[list[torch.Tensor]],
+        skip: set[int],
     ) -> None:
-        """One op call per (alpha, device, dtype pair) over the groups, leaving out the fast
-        tensors whose ids are in skip; each call's fast list is appended to completed."""
+        """One op call per (alpha, device, dtype pair) over the groups that sync unconditionally,
+        one per (group, device, dtype pair) for the others; fast tensors whose ids are in skip are
+        left out, and each call's fast list is appended to completed."""
         merged: _Buckets = {}
+        gated: list[tuple[list[torch.Tensor], list[torch.Tensor], float, _Flags]] = []
         for group in groups:
+            due, restore = flags[id(group)]
             for key, (slow, fast) in self._buckets(group).items():
-                into = merged.setdefault((group[ALPHA], *key), ([], []))
-                into[0].extend(slow)
-                into[1].extend(fast)
-        for (alpha, *_), (slow, fast) in merged.items():
+                if due is None and restore is None:
+                    into = merged.setdefault((group[ALPHA], *key), ([], []))
+                    into[0].extend(slow)
+                    into[1].extend(fast)
+                else:
+                    gated.append((slow, fast, group[ALPHA], _flags_on(key[0], due, restore)))
+        calls = [(slow, fast, alpha, (None, None)) for (alpha, *_), (slow, fast) in merged.items()]
+        for slow, fast, alpha, (due, restore) in calls + gated:
             if skip:
                 kept = [(s, f) for s, f in zip(slow, fast) if id(f) not in skip]
                 slow, fast = [s for s, _ in kept], [f for _, f in kept]
-            lookahead_update_(slow, fast, alpha)
+            if due is None:
+                lookahead_update_(slow, fast, alpha)
+            else:
+                lookahead_update_if_(slow, fast, alpha, due, restore)
             completed.append(fast)
 
-    def _buckets(self, group: dict[str, Any]) -> _Buckets:
-        """The group's (slow, fast) pairs keyed by (device, slow dtype, fast dtype)."""
-        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+    def _weight_buckets(self, group: dict[str, Any]) -> _Buckets:
+        """The group's (slow weights, parameters) pairs keyed by (device, slow dtype, fast dtype),
+        built once and kept until the parameters or their slow weights change."""
+        index = next(i for i, cached in enumerate(self.param_groups) if cached is group)
         weights = self._bucket_cache.get(index)
         if weights is None:
             weights = _bucketed((self.lookahead_state[p]["slow_param"], p) for p in group["params"])
             self._bucket_cache[index] = weights
+        return weights
+
+    def _buckets(self, group: dict[str, Any]) -> _Buckets:
+        """The pairs a sync of the group updates: its weights, and with pullback its buffers."""
+        weights = self._weight_buckets(group)
         if group[INNER_STATE] != "pullback":
             return weights
         # The inner optimizer creates its buffers lazily (a parameter without a gradient has none
@@ -474,7 +623,9 @@ class Lookahead(Optimizer):
             entry = self.lookahead_state[param]
             for name, value in mine.items():
                 if name == "step":
-                    entry[name] = value.detach().to("cpu", torch.float32, copy=True)
+                    entry[name] = value.detach().to(
+                        self._counter_device(param), torch.float32, copy=True
+                    )
                 elif name == "slow_param":
                     dtype = value.dtype
                     if (dtype, param.dtype) not in SUPPORTED_DTYPE_PAIRS:
@@ -493,8 +644,11 @@ class Lookahead(Optimizer):
 
         Same-dtype parameters exchange values with their slow copies in place, one tensor at a time
         (no copy of the model is made, and parameters keep their storage). fp32 slow weights of
-        fp16/bf16 parameters are rounded into the parameters, whose fast values wait meanwhile in a
-        copy of the parameter dtype. Do not step the optimizer inside the block.
+        fp16/bf16 parameters are rounded into the parameters, whose fast values wait meanwhile in
+        host memory (for parameters on an accelerator, none of its memory is used; for parameters
+        on the CPU, that is a copy in their dtype): the slow weights cannot hold them, since the
+        fp32 values and their rounding together carry more than 32 bits. Do not step the optimizer
+        inside the block.
         """
         done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         try:
@@ -508,7 +662,7 @@ class Lookahead(Optimizer):
                             _swap_(param, slow)
                             done.append((param, slow, None))
                         else:
-                            stash = param.detach().clone()
+                            stash = param.detach().to("cpu", copy=True)
                             param.copy_(slow)
                             done.append((param, slow, stash))
             yield
@@ -528,6 +682,15 @@ def _check_dtype_pair(slow: torch.dtype, fast: torch.dtype, where: str) -> None:
             f"{where}; supported (slow, parameter) dtypes: "
             + ", ".join(f"({a}, {b})" for a, b in SUPPORTED_DTYPE_PAIRS)
         )
+
+
+def _flags_on(
+    device: torch.device, due: torch.Tensor | None, restore: torch.Tensor | None
+) -> _Flags:
+    """Flags for a call on device; a sync the host decided is due everywhere."""
+    if due is None:
+        due = torch.ones((), dtype=torch.bool, device=device)
+    return due.to(device), None if restore is None else restore.to(device)
 
 
 def _bucketed(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> _Buckets:

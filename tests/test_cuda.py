@@ -1,4 +1,6 @@
-"""The CUDA kernel against torch's own CUDA lerp_/copy_; skipped without a GPU."""
+"""The CUDA kernel against torch's own CUDA lerp_/copy_, and Lookahead's large-model features that
+need a GPU (CUDA graphs, device-side AMP counting, the divergence guard without host syncs);
+skipped without a GPU."""
 
 import pytest
 import torch
@@ -144,3 +146,158 @@ def test_slow_weights_follow_the_model_to_the_gpu():
     train(model, opt, [(x.cuda(), y.cuda()) for x, y in batches(2)])
     for p in model.parameters():
         assert opt.lookahead_state[p]["slow_param"].device == p.device
+
+
+# -- large-model training (issue: torch.compile, CUDA graphs, AMP, divergence guard) --------------
+
+
+def graph_training_run(data, k, capture):
+    """A whole step (forward, backward, capturable Adam, capturable Lookahead) replayed from a CUDA
+    graph when capture is True, else run eagerly; returns the model, the optimizer and, after each
+    step, the first parameter's slow weights."""
+    model = make_model().cuda()
+    opt = Lookahead(
+        torch.optim.Adam(model.parameters(), lr=0.01, capturable=True), k=k, capturable=True
+    )
+    x_static, y_static = (t.clone() for t in data[0])
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        torch.nn.functional.mse_loss(model(x_static), y_static).backward()
+        opt.step()
+
+    # Warm-up on a side stream, as CUDA graph capture requires: state and slow weights appear here.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in data[:2]:
+            x_static.copy_(x)
+            y_static.copy_(y)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = None
+    if capture:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    first = next(model.parameters())
+    slow_after_each = []
+    for x, y in data[2:]:
+        x_static.copy_(x)
+        y_static.copy_(y)
+        if graph is None:
+            step()
+        else:
+            graph.replay()
+        slow_after_each.append(opt.lookahead_state[first]["slow_param"].clone())
+    torch.cuda.synchronize()
+    return model, opt, slow_after_each
+
+
+def test_whole_step_in_a_cuda_graph_matches_eager():
+    data = [(x.cuda(), y.cuda()) for x, y in batches(14)]
+    graph_model, graph_opt, graph_slow = graph_training_run(data, k=3, capture=True)
+    eager_model, eager_opt, eager_slow = graph_training_run(data, k=3, capture=False)
+    for p, q in zip(graph_model.parameters(), eager_model.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(
+            graph_opt.lookahead_state[p]["slow_param"], eager_opt.lookahead_state[q]["slow_param"]
+        )
+    # Two warm-up steps, then 12 replays (steps 3 to 14): after step 3, the slow weights change on
+    # steps 6, 9 and 12 only.
+    changed = [i + 3 for i in range(1, 12) if not torch.equal(graph_slow[i], graph_slow[i - 1])]
+    assert changed == [6, 9, 12]
+    assert all(torch.equal(a, b) for a, b in zip(graph_slow, eager_slow))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_skip_is_counted_on_the_device(fused):
+    def run(data, inf_at=None):
+        model = make_model().cuda()
+        opt = Lookahead(torch.optim.Adam(model.parameters(), lr=0.01, fused=fused), k=3)
+        scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+        for i, (x, y) in enumerate(data):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if i == inf_at:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            if fused and i >= 2:
+                # The fused path counts on the device: no step may wait for the host.
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                scaler.step(opt)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            scaler.update()
+        return model, opt
+
+    data = [(x.cuda(), y.cuda()) for x, y in batches(8)]
+    skipped_model, skipped = run(data, inf_at=4)
+    clean_model, clean = run(data[:4] + data[5:])
+    counter = skipped.lookahead_state[next(skipped_model.parameters())]["step"]
+    assert counter.device.type == ("cuda" if fused else "cpu")
+    assert counter.item() == 7 % 3
+    for p, q in zip(skipped_model.parameters(), clean_model.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(
+            skipped.lookahead_state[p]["slow_param"], clean.lookahead_state[q]["slow_param"]
+        )
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_restore_decided_on_the_device(capturable):
+    model = make_model().cuda()
+    opt = Lookahead(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        k=3,
+        nonfinite="restore",
+        capturable=capturable,
+    )
+    data = [(x.cuda(), y.cuda()) for x, y in batches(6)]
+    train(model, opt, data[:3])
+    slow = [opt.lookahead_state[p]["slow_param"].clone() for p in model.parameters()]
+    with torch.no_grad():
+        model[2].weight[1, 3] = float("nan")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train(model, opt, data[3:])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.nonfinite_restores == 1
+    for p, s in zip(model.parameters(), slow):
+        assert torch.equal(p, s) and torch.equal(opt.lookahead_state[p]["slow_param"], s)
+
+
+def test_compiled_step_on_cuda():
+    data = [(x.cuda(), y.cuda()) for x, y in batches(10)]
+    eager_model = make_model().cuda()
+    eager = Lookahead(torch.optim.SGD(eager_model.parameters(), lr=0.05, momentum=0.9), k=3)
+    train(eager_model, eager, data)
+    model = make_model().cuda()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), k=3)
+    train(model, opt, data, step=torch.compile(opt.step, backend="aot_eager"))
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slow_weights_take_no_extra_copy_of_the_model_on_the_gpu(dtype):
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).cuda().to(dtype)
+    slow_dtype = torch.float32 if dtype == torch.bfloat16 else None
+    opt = Lookahead(torch.optim.SGD(layers.parameters(), lr=0.1), k=2, slow_dtype=slow_dtype)
+    for p in layers.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    fast = [p.detach().clone() for p in layers.parameters()]
+    slow = [opt.lookahead_state[p]["slow_param"].to(dtype, copy=True) for p in layers.parameters()]
+    largest = max(p.numel() * p.element_size() for p in layers.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in layers.parameters())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with opt.slow_weights():
+        assert all(torch.equal(p, s) for p, s in zip(layers.parameters(), slow))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 2 * largest < model_bytes
+    assert all(torch.equal(p, f) for p, f in zip(layers.parameters(), fast))

@@ -18,12 +18,22 @@ FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 class ReferenceLookahead:
     """Lookahead as the paper states it, one parameter at a time in plain torch."""
 
-    def __init__(self, inner, k=5, alpha=0.5, inner_state="keep", slow_dtype=None):
+    def __init__(
+        self,
+        inner,
+        k=5,
+        alpha=0.5,
+        inner_state="keep",
+        slow_dtype=None,
+        nonfinite="propagate",
+        capturable=False,  # where the sync is decided, not what it does
+    ):
         self.inner, self.k, self.alpha = inner, k, alpha
-        self.inner_state, self.slow_dtype = inner_state, slow_dtype
+        self.inner_state, self.slow_dtype, self.nonfinite = inner_state, slow_dtype, nonfinite
         self.slow = None
         self.slow_buffers = {}
         self.count = 0
+        self.restores = 0
 
     def params(self):
         return [p for group in self.inner.param_groups for p in group["params"]]
@@ -37,6 +47,15 @@ class ReferenceLookahead:
         if self.count < self.k:
             return
         self.count = 0
+        if self.nonfinite == "restore" and not all(p.isfinite().all() for p in self.params()):
+            self.restores += 1
+            for p, s in zip(self.params(), self.slow):
+                p.copy_(s)
+            if self.inner_state == "pullback":
+                for p in self.params():
+                    for name, buffer in self.first_moments(p):
+                        buffer.copy_(self.slow_buffer(p, name, buffer))
+            return
         for p, s in zip(self.params(), self.slow):
             s.lerp_(p.to(s.dtype), self.alpha)
             p.copy_(s)
@@ -44,16 +63,18 @@ class ReferenceLookahead:
             self.inner.state.clear()
         if self.inner_state == "pullback":
             for p in self.params():
-                for name in FIRST_MOMENTS:
-                    buffer = self.inner.state.get(p, {}).get(name)
-                    if buffer is None:
-                        continue
-                    dtype = self.slow_dtype or buffer.dtype
-                    slow = self.slow_buffers.setdefault(
-                        (p, name), torch.zeros_like(buffer, dtype=dtype)
-                    )
-                    slow.lerp_(buffer.to(dtype), self.alpha)
+                for name, buffer in self.first_moments(p):
+                    slow = self.slow_buffer(p, name, buffer)
+                    slow.lerp_(buffer.to(slow.dtype), self.alpha)
                     buffer.copy_(slow)
+
+    def first_moments(self, p):
+        state = self.inner.state.get(p, {})
+        return [(name, state[name]) for name in FIRST_MOMENTS if state.get(name) is not None]
+
+    def slow_buffer(self, p, name, buffer):
+        dtype = self.slow_dtype or buffer.dtype
+        return self.slow_buffers.setdefault((p, name), torch.zeros_like(buffer, dtype=dtype))
 
 
 def make_model(dtype=torch.float32):
