@@ -301,3 +301,19 @@ def test_slow_weights_take_no_extra_copy_of_the_model_on_the_gpu(dtype):
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= 2 * largest < model_bytes
     assert all(torch.equal(p, f) for p, f in zip(layers.parameters(), fast))
+
+
+def test_bench_step_times_with_and_without_a_cuda_graph(tmp_path):
+    import json
+
+    from lookahead_cuda.bench.cli import main
+
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cuda", "--e2e", "--tensors", "4", "--numel", "5000", "--reps", "2"]
+    assert main([*argv, "--k", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["e2e"]
+    assert [r["optimizer"] for r in rows][2:] == [
+        "AdamW(capturable), eager",
+        "AdamW(capturable), graph",
+    ]
+    assert all(r["step_ms"] > 0 for r in rows)

@@ -282,29 +282,57 @@ def bench_preset(preset: Preset, args: argparse.Namespace, bandwidth: float) -> 
     return results
 
 
+def _replayed(step: Callable[[], Any]) -> Callable[[], None]:
+    """step captured once in a CUDA graph (after warm-up on a side stream, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def bench_step(preset: Preset, args: argparse.Namespace) -> list[StepResult]:
     """AdamW's step time with and without Lookahead around it, Lookahead amortized over k steps
-    (k - 1 plain steps and one that syncs)."""
+    (k - 1 plain steps and one that syncs). On CUDA also with capturable AdamW and Lookahead, run
+    eagerly and replayed from a CUDA graph of one step (the sync decided on the device)."""
     params = [
         torch.randn(shape, device=args.device, dtype=args.fast_dtype, requires_grad=True)
         for shape in preset.shapes
     ]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
+    slow_dtype = args.slow_dtype if args.slow_dtype != args.fast_dtype else None
+    # (label, AdamW arguments, Lookahead arguments, replayed from a CUDA graph)
+    variants: list[tuple[str, dict[str, bool], dict[str, bool], bool]] = [
+        ("AdamW(foreach=True)", {"foreach": True}, {}, False),
+        ("AdamW(fused=True)", {"fused": True}, {}, False),
+    ]
+    if args.device.type == "cuda":
+        capturable = {"foreach": True, "capturable": True}
+        variants += [
+            ("AdamW(capturable), eager", capturable, {"capturable": True}, False),
+            ("AdamW(capturable), graph", capturable, {"capturable": True}, True),
+        ]
     results = []
-    for variant in ("foreach", "fused"):
-        inner = torch.optim.AdamW(params, lr=1e-4, **{variant: True})
-        slow_dtype = args.slow_dtype if args.slow_dtype != args.fast_dtype else None
-        wrapped = Lookahead(
-            torch.optim.AdamW(params, lr=1e-4, **{variant: True}), k=args.k, slow_dtype=slow_dtype
-        )
-        progress(f"  {preset.name}: AdamW({variant}) step, with and without Lookahead")
+    for label, adamw, lookahead, graph in variants:
+        inner = torch.optim.AdamW(params, lr=1e-4, **adamw)
+        wrapped_inner = torch.optim.AdamW(params, lr=1e-4, **adamw)
+        wrapped = Lookahead(wrapped_inner, k=args.k, slow_dtype=slow_dtype, **lookahead)
+        progress(f"  {preset.name}: {label} step, with and without Lookahead")
         wrapped.step()  # takes the slow weights, outside the timing
+        plain_step, lookahead_step = inner.step, wrapped.step
+        if graph:
+            plain_step, lookahead_step = _replayed(inner.step), _replayed(wrapped.step)
         # k steps of each per round, interleaved: Lookahead's k includes exactly one sync.
         timings = measure_interleaved(
             {
-                "plain": lambda opt=inner: [opt.step() for _ in range(args.k)],
-                "lookahead": lambda opt=wrapped: [opt.step() for _ in range(args.k)],
+                "plain": lambda step=plain_step: [step() for _ in range(args.k)],
+                "lookahead": lambda step=lookahead_step: [step() for _ in range(args.k)],
             },
             args.device,
             args.reps,
@@ -315,7 +343,7 @@ def bench_step(preset: Preset, args: argparse.Namespace) -> list[StepResult]:
         results.append(
             StepResult(
                 preset.name,
-                f"AdamW({variant}=True)",
+                label,
                 args.k,
                 step_ms,
                 lookahead_ms,
@@ -352,13 +380,13 @@ def format_table(results: list[Result]) -> str:
 
 def format_steps(results: list[StepResult]) -> str:
     header = (
-        f"{'preset':<15}{'inner optimizer':<22}{'k':>3}{'step ms':>10}"
+        f"{'preset':<15}{'inner optimizer':<26}{'k':>3}{'step ms':>10}"
         f"{'+Lookahead ms':>15}{'overhead ms':>13}{'overhead':>10}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.preset:<15}{r.optimizer:<22}{r.k:>3}{r.step_ms:>10.2f}{r.lookahead_step_ms:>15.2f}"
+            f"{r.preset:<15}{r.optimizer:<26}{r.k:>3}{r.step_ms:>10.2f}{r.lookahead_step_ms:>15.2f}"
             f"{r.overhead_ms:>13.2f}{r.overhead_pct:>9.1f}%"
         )
     return "\n".join(lines)
