@@ -52,3 +52,33 @@ for name, slow_dtype, fast_dtype in (("gpt2", torch.float32, torch.float32),
     del slow, fast
     torch.cuda.empty_cache()
 PY
+
+log "slow weights in host memory (slow_device='cpu') against the default, gpt2 preset"
+python - <<'PY' 2>&1 | tee -a "$out/summary.txt"
+import time
+
+import torch
+
+from lookahead_cuda import Lookahead
+from lookahead_cuda.bench.presets import PRESETS
+
+params = [torch.randn(s, device="cuda", requires_grad=True) for s in PRESETS["gpt2"].shapes]
+for slow_device in (None, "cpu"):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    opt = Lookahead(torch.optim.SGD(params, lr=0.0), slow_device=slow_device)
+    opt.sync()  # takes the slow weights
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before
+    times = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        opt.sync()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    print(f"slow_device={slow_device}: sync median {times[5] * 1e3:.2f} ms "
+          f"(min {times[0] * 1e3:.2f}), GPU memory held by Lookahead {held / 2**20:.1f} MiB")
+    del opt
+PY

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lookahead_cuda.offload import offloaded_update_
 from lookahead_cuda.ops import (
     SUPPORTED_DTYPE_PAIRS,
     found_nonfinite_,
@@ -149,6 +150,12 @@ class Lookahead(Optimizer):
             tensor, so a whole training step can be captured in a CUDA graph and replayed, with
             the slow update happening on exactly every k-th replay. ``k`` and ``alpha`` are
             captured with the graph. Not with ``inner_state="reset"``, which the host must see.
+        slow_device (str or torch.device, optional): ``None`` keeps each parameter's slow weights
+            on its device; ``"cpu"`` keeps them in host memory (pinned for CUDA parameters), saving
+            their device memory for models that are memory-bound. A sync then sends the fast
+            weights to the host in chunks, updates them there with the CPU kernel and sends them
+            back, transfers overlapped with the kernel; the host waits for it. Not with
+            ``capturable`` (default: None).
 
     ``k``, ``alpha``, ``inner_state``, ``slow_dtype`` and ``nonfinite`` are stored in every param
     group as ``lookahead_k``, ``lookahead_alpha``, ``lookahead_inner_state``,
@@ -169,6 +176,7 @@ class Lookahead(Optimizer):
         slow_dtype: torch.dtype | None = None,
         nonfinite: str = "propagate",
         capturable: bool = False,
+        slow_device: str | torch.device | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -186,6 +194,16 @@ class Lookahead(Optimizer):
         _check_settings(settings, "Lookahead()")
         if not isinstance(capturable, bool):
             raise TypeError(f"Invalid capturable: {capturable!r}; expected True or False")
+        if slow_device is not None and torch.device(slow_device).type != "cpu":
+            raise ValueError(
+                f"Invalid slow_device: {slow_device!r}; expected None (each parameter's device) "
+                "or 'cpu'"
+            )
+        if slow_device is not None and capturable:
+            raise ValueError(
+                "slow_device='cpu' updates the slow weights on the host, which a capturable step "
+                "never waits for; use one or the other"
+            )
         if inner_state == "pullback" and isinstance(optimizer, _WITHOUT_FIRST_MOMENT):
             raise ValueError(
                 f"inner_state='pullback' interpolates first-moment buffers "
@@ -198,6 +216,7 @@ class Lookahead(Optimizer):
         self.optimizer = optimizer
         self._settings = settings
         self.capturable = capturable
+        self.slow_device = None if slow_device is None else torch.device(slow_device)
         #: Lookahead's own per-parameter state: ``slow_param``, the pullback buffers' slow copies
         #: (``slow_exp_avg``, ...), and in each group's first parameter the ``step`` counter (and
         #: with ``nonfinite="restore"``, the ``nonfinite_restores`` count).
@@ -244,7 +263,7 @@ class Lookahead(Optimizer):
             f"Lookahead(k={self._settings[K]}, alpha={self._settings[ALPHA]}, "
             f"inner_state={self._settings[INNER_STATE]!r}, "
             f"slow_dtype={self._settings[SLOW_DTYPE]}, nonfinite={self._settings[NONFINITE]!r}, "
-            f"capturable={self.capturable},\n{inner}\n)"
+            f"capturable={self.capturable}, slow_device={self.slow_device},\n{inner}\n)"
         )
 
     # -- settings -----------------------------------------------------------------------------
@@ -392,7 +411,7 @@ class Lookahead(Optimizer):
                     _check_dtype_pair(dtype, param.dtype, f"param group {index}")
                     missing.append((param, dtype))
         for param, dtype in missing:
-            self.lookahead_state[param]["slow_param"] = param.detach().to(dtype, copy=True)
+            self.lookahead_state[param]["slow_param"] = self._slow_copy(param, dtype)
         for group in self.param_groups:
             if group["params"]:
                 ours = self.lookahead_state[group["params"][0]]
@@ -410,6 +429,16 @@ class Lookahead(Optimizer):
         self._bucket_cache.clear()
         for group in self.param_groups:
             self._weight_buckets(group)
+
+    def _slow_copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of tensor in dtype, where Lookahead keeps the slow copies of its parameter."""
+        home = self.slow_device or tensor.device
+        if home == tensor.device:
+            return tensor.detach().to(dtype, copy=True)
+        # Pinned, so that the chunks of a sync travel asynchronously (lookahead_cuda/offload.py).
+        pin = home.type == "cpu" and tensor.device.type == "cuda"
+        copy = torch.empty(tensor.shape, dtype=dtype, device=home, pin_memory=pin)
+        return copy.copy_(tensor.detach())
 
     def _restores(self, group: Mapping[str, Any]) -> torch.Tensor:
         """The group's count of restoring syncs, on its device, created at first need."""
@@ -490,7 +519,9 @@ class Lookahead(Optimizer):
             if skip:
                 kept = [(s, f) for s, f in zip(slow, fast) if id(f) not in skip]
                 slow, fast = [s for s, _ in kept], [f for _, f in kept]
-            if due is None:
+            if slow and slow[0].device != fast[0].device:
+                offloaded_update_(slow, fast, alpha, due, restore)
+            elif due is None:
                 lookahead_update_(slow, fast, alpha)
             else:
                 lookahead_update_if_(slow, fast, alpha, due, restore)
@@ -530,9 +561,9 @@ class Lookahead(Optimizer):
                     continue
                 slow = ours.get("slow_" + name)
                 if slow is None or slow.shape != buffer.shape:
-                    slow = torch.zeros_like(buffer, dtype=_slow_dtype(group, buffer))
-                elif slow.device != buffer.device:  # the model moved
-                    slow = slow.to(buffer.device)
+                    slow = self._slow_copy(buffer, _slow_dtype(group, buffer)).zero_()
+                elif slow.device != (self.slow_device or buffer.device):  # the model moved
+                    slow = self._slow_copy(slow, slow.dtype)
                 ours["slow_" + name] = slow
                 pairs.append((slow, buffer))
         return pairs
@@ -549,8 +580,8 @@ class Lookahead(Optimizer):
                 dtype = slow.dtype
                 if (dtype, param.dtype) not in SUPPORTED_DTYPE_PAIRS:
                     dtype = _slow_dtype(group, param)
-                if slow.device != param.device or slow.dtype != dtype:
-                    ours["slow_param"] = slow.to(param.device, dtype)
+                if slow.device != (self.slow_device or param.device) or slow.dtype != dtype:
+                    ours["slow_param"] = self._slow_copy(slow.to(param.device), dtype)
                     moved = True
         if moved:
             self._bucket_cache.clear()
@@ -630,9 +661,11 @@ class Lookahead(Optimizer):
                     dtype = value.dtype
                     if (dtype, param.dtype) not in SUPPORTED_DTYPE_PAIRS:
                         dtype = _slow_dtype(group, param)
-                    entry[name] = value.detach().to(param.device, dtype, copy=True)
+                    entry[name] = self._slow_copy(value.to(param.device), dtype)
+                elif name == "nonfinite_restores":
+                    entry[name] = value.detach().to(param.device, torch.float32, copy=True)
                 else:
-                    entry[name] = value.detach().to(param.device, copy=True)
+                    entry[name] = self._slow_copy(value.to(param.device), value.dtype)
         self._needs_slow_weights = True
         self._bucket_cache.clear()
 

@@ -317,3 +317,40 @@ def test_bench_step_times_with_and_without_a_cuda_graph(tmp_path):
         "AdamW(capturable), graph",
     ]
     assert all(r["step_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slow_weights_in_host_memory(dtype):
+    from lookahead_cuda.offload import offloaded_update_
+
+    slow_dtype = torch.float32 if dtype == torch.bfloat16 else None
+    data = [(x.cuda().to(dtype), y.cuda()) for x, y in batches(9, dtype)]
+
+    def run(**settings):
+        model = make_model(dtype).cuda()
+        opt = Lookahead(
+            torch.optim.Adam(model.parameters(), lr=0.01),
+            k=3,
+            inner_state="pullback",
+            slow_dtype=slow_dtype,
+            **settings,
+        )
+        train(model, opt, data)
+        return model, opt
+
+    on_gpu_model, _ = run()
+    on_host_model, on_host = run(slow_device="cpu")
+    for p, q in zip(on_host_model.parameters(), on_gpu_model.parameters()):
+        assert torch.equal(p, q)
+        slow = on_host.lookahead_state[p]["slow_param"]
+        assert slow.device.type == "cpu" and slow.is_pinned()
+        assert on_host.lookahead_state[p]["slow_exp_avg"].device.type == "cpu"
+
+    # Many chunks, so that transfers overlap the CPU kernel.
+    slow = [torch.randn(n, pin_memory=True) for n in [70001, 3, 1 << 20, 5]]
+    fast = [torch.randn(n, device="cuda") for n in [70001, 3, 1 << 20, 5]]
+    slow_ref, fast_ref = [s.cuda() for s in slow], [f.clone() for f in fast]
+    reference_update_(slow_ref, fast_ref, 0.5)
+    offloaded_update_(slow, fast, 0.5, chunk_bytes=1 << 16)
+    for got, want in zip(slow + fast, slow_ref + fast_ref):
+        assert torch.equal(got.cuda(), want)

@@ -1,0 +1,123 @@
+"""The slow update with the slow weights in host memory and the fast ones on an accelerator.
+
+The fast weights travel to the host in chunks, the CPU kernel updates each chunk there, and the
+result travels back. Transfers go on a side stream through two pinned staging buffers, so that the
+CPU works on one chunk while the next comes down and the previous one goes up; device memory holds
+nothing extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lookahead_cuda.ops import lookahead_update_, lookahead_update_if_
+
+#: Bytes of fast weights per chunk: large enough that each transfer runs at full PCIe speed, small
+#: enough that the first chunk's wait and the last one's return are short next to the whole.
+CHUNK_BYTES = 32 << 20
+
+
+def _chunks(fast: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[list[int]]:
+    """Indices of consecutive tensors whose bytes add up to about chunk_bytes (a larger tensor is a
+    chunk of its own)."""
+    chunk: list[int] = []
+    size = 0
+    for i, f in enumerate(fast):
+        nbytes = f.numel() * f.element_size()
+        if chunk and size + nbytes > chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(i)
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+class _Staging:
+    """Two reusable host buffers, pinned when the fast weights are on CUDA, grown as needed."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+
+    def views(self, slot: int, tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+        dtype = tensors[0].dtype
+        numel = sum(t.numel() for t in tensors)
+        while len(self.buffers) <= slot:
+            self.buffers.append(torch.empty(0, dtype=dtype))
+        buffer = self.buffers[slot]
+        if buffer.dtype != dtype or buffer.numel() < numel or buffer.is_pinned() != pin:
+            buffer = torch.empty(numel, dtype=dtype, pin_memory=pin)
+            self.buffers[slot] = buffer
+        views, offset = [], 0
+        for t in tensors:
+            views.append(buffer[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return views
+
+
+_STAGING = _Staging()
+
+
+def offloaded_update_(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    alpha: float,
+    due: torch.Tensor | None = None,
+    restore: torch.Tensor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> None:
+    """:func:`~lookahead_cuda.lookahead_update_` (or, with flags, ``lookahead_update_if_``) for
+    slow weights on the CPU and fast weights of one dtype on another device (or the CPU).
+
+    The host needs the flags' values to decide, so it waits for them here; it also waits for the
+    last chunk to come back, so the caller's stream sees the updated fast weights.
+    """
+    if len(fast) == 0:
+        return
+    host = torch.device("cpu")
+    if due is not None and not bool(due.to(host)):
+        return
+    restore = None if restore is None else restore.to(host)
+    on_cuda = fast[0].device.type == "cuda"
+    stream = torch.cuda.Stream(fast[0].device) if on_cuda else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(fast[0].device))
+    in_flight: list[tuple[list[int], list[torch.Tensor], torch.cuda.Event | None]] = []
+
+    def send_down(indices: list[int]) -> None:
+        staged = _STAGING.views(len(in_flight) % 2, [fast[i] for i in indices], pin=on_cuda)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for i, view in zip(indices, staged):
+                view.copy_(fast[i], non_blocking=on_cuda)
+            landed = torch.cuda.Event() if stream is not None else None
+            if landed is not None:
+                landed.record(stream)
+        in_flight.append((indices, staged, landed))
+
+    def update_and_send_up(position: int) -> None:
+        indices, staged, landed = in_flight[position]
+        if landed is not None:
+            landed.synchronize()
+        slows = [slow[i] for i in indices]
+        if due is None and restore is None:
+            lookahead_update_(slows, staged, alpha)
+        else:
+            lookahead_update_if_(slows, staged, alpha, torch.ones((), dtype=torch.bool), restore)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for i, view in zip(indices, staged):
+                fast[i].copy_(view, non_blocking=on_cuda)
+
+    # Chunk n + 1 comes down while chunk n is updated; a staging slot is written again only after
+    # the stream has sent its previous chunk up (the copies are ordered on the one stream).
+    chunks = list(_chunks(fast, chunk_bytes))
+    send_down(chunks[0])
+    for position in range(len(chunks)):
+        if position + 1 < len(chunks):
+            send_down(chunks[position + 1])
+        update_and_send_up(position)
+    if stream is not None:
+        torch.cuda.current_stream(fast[0].device).wait_stream(stream)
+        stream.synchronize()
