@@ -18,6 +18,13 @@ from lookahead_cuda.ops import (
     lookahead_update_if_,
 )
 
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor
+
+    _SHARDED: tuple[type, ...] = (DTensor,)
+except ImportError:
+    _SHARDED = ()
+
 # Lookahead's settings live in every param group next to the inner optimizer's hyperparameters
 # (prefixed: RMSprop already has an `alpha`), so they can differ per group, are changed the way a
 # scheduler changes `lr`, and travel with state_dict().
@@ -491,6 +498,13 @@ class Lookahead(Optimizer):
                 found = torch.zeros((), dtype=torch.bool, device=bucket_device)
                 found_nonfinite_(fast, found)
                 restore |= found.to(device)
+        sharded_over = _mesh_group(group["params"])
+        if sharded_over is not None:
+            # Each process sees only its shards; restoring some shards and not others would tear
+            # the model apart, so the processes agree first.
+            agreed = restore.to(torch.uint8)
+            torch.distributed.all_reduce(agreed, torch.distributed.ReduceOp.MAX, group=sharded_over)
+            restore = agreed.bool()
         return due, restore
 
     def _run_buckets(
@@ -627,6 +641,12 @@ class Lookahead(Optimizer):
             _check_settings(merged, f"loaded param group {index}")
             groups.append(merged)
         group_of = [group for group in groups for _ in group["params"]]
+        # As torch.optim does, saved ids map to parameters by position in the saved groups: indices
+        # from state_dict(), names from torch.distributed.checkpoint's get_optimizer_state_dict.
+        position_of = {
+            saved_id: position
+            for position, saved_id in enumerate(i for g in saved_groups for i in g["params"])
+        }
 
         inner_state: dict[Any, dict[str, Any]] = {}
         ours: dict[int, dict[str, torch.Tensor]] = {}
@@ -637,15 +657,15 @@ class Lookahead(Optimizer):
             }
             if not mine:
                 continue
-            if not isinstance(key, int) or not 0 <= key < len(params):
-                raise ValueError(f"loaded Lookahead state for unknown parameter index {key!r}")
+            if key not in position_of:
+                raise ValueError(f"loaded Lookahead state for unknown parameter {key!r}")
             slow = mine.get("slow_param")
-            if slow is not None and slow.shape != params[key].shape:
+            if slow is not None and slow.shape != params[position_of[key]].shape:
                 raise ValueError(
-                    f"loaded slow weights of parameter {key} have shape {tuple(slow.shape)}, "
-                    f"the parameter has shape {tuple(params[key].shape)}"
+                    f"loaded slow weights of parameter {key!r} have shape {tuple(slow.shape)}, "
+                    f"the parameter has shape {tuple(params[position_of[key]].shape)}"
                 )
-            ours[key] = mine
+            ours[position_of[key]] = mine
 
         self.optimizer.load_state_dict({"state": inner_state, "param_groups": groups})
         self.lookahead_state = defaultdict(dict)
@@ -726,9 +746,30 @@ def _flags_on(
     return due.to(device), None if restore is None else restore.to(device)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of tensor that this process holds: a DTensor's local shard (FSDP2), else itself.
+
+    A slow copy is made from its parameter (or buffer) with the same placements, so the two local
+    shards pair up element by element and the update never gathers anything.
+    """
+    if isinstance(tensor, _SHARDED):
+        return tensor._local_tensor  # type: ignore[attr-defined]
+    return tensor
+
+
+def _mesh_group(tensors: Iterable[torch.Tensor]) -> Any:
+    """The process group of the first DTensor among tensors, or None."""
+    for t in tensors:
+        if isinstance(t, _SHARDED):
+            return t.device_mesh.get_group()  # type: ignore[attr-defined]
+    return None
+
+
 def _bucketed(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> _Buckets:
+    """Pairs keyed by (device, slow dtype, fast dtype), as the local tensors the op updates."""
     buckets: _Buckets = {}
     for slow, fast in pairs:
+        slow, fast = _local(slow), _local(fast)
         slows, fasts = buckets.setdefault((fast.device, slow.dtype, fast.dtype), ([], []))
         slows.append(slow)
         fasts.append(fast)
