@@ -6,7 +6,9 @@
 // lookahead_update_if_(slow, fast, alpha, due, restore): the same sync decided by one-element bool
 //   tensors read on the tensors' device, so a CUDA step never waits for the host and can be
 //   captured in a CUDA graph: nothing unless due; if restore, fast[i] <- slow[i] with slow as it is.
-// found_nonfinite_(tensors, found): found <- found or (some element is NaN or infinite).
+// found_nonfinite_(tensors, found, due): found <- found or (some element is NaN or infinite); nothing
+//   read unless due (a one-element bool tensor on the device; None: always), so that a step whose
+//   sync is decided on the device checks the weights only when the sync is due.
 // Backends: cpu/ and cuda/, one file per op; the fake (meta) kernels for torch.compile live in
 // lookahead_cuda/ops.py. The updates are not differentiable: autograd only refuses tensors that
 // would need a gradient through them.
@@ -27,7 +29,7 @@ TORCH_LIBRARY(lookahead_cuda, m) {
   m.def(
       "lookahead_update_if_(Tensor(a!)[] slow, Tensor(b!)[] fast, float alpha, Tensor due, "
       "Tensor? restore=None) -> ()");
-  m.def("found_nonfinite_(Tensor[] tensors, Tensor(a!) found) -> ()");
+  m.def("found_nonfinite_(Tensor[] tensors, Tensor(a!) found, Tensor? due=None) -> ()");
 }
 
 namespace {
@@ -72,11 +74,13 @@ void lookahead_update_if_autograd(at::TensorList slow, at::TensorList fast, doub
 }
 
 // Only reads its tensors (which may require grad) and writes a bool flag: nothing to differentiate.
-void found_nonfinite_autograd(at::TensorList tensors, const at::Tensor& found) {
+void found_nonfinite_autograd(at::TensorList tensors, const at::Tensor& found,
+                              const std::optional<at::Tensor>& due) {
   static const auto op =
-      find_op<void(at::TensorList, const at::Tensor&)>("lookahead_cuda::found_nonfinite_");
+      find_op<void(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&)>(
+          "lookahead_cuda::found_nonfinite_");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(tensors, found);
+  op.call(tensors, found, due);
 }
 
 }  // namespace

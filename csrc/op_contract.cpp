@@ -209,12 +209,14 @@ void update_strided_if(at::TensorList slow, at::TensorList fast, double alpha, c
   }
 }
 
-CheckPlan plan_nonfinite_check(at::TensorList tensors, const at::Tensor& found) {
+CheckPlan plan_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
+                               const std::optional<at::Tensor>& due) {
   constexpr const char* kOp = "found_nonfinite_";
   CheckPlan plan;
   std::optional<at::Device> device;
   if (!tensors.empty()) device = tensors[0].device();
   check_flag(kOp, found, "found", device);
+  if (due) check_flag(kOp, *due, "due", device);
   TORCH_CHECK_VALUE(!found.is_inference() || c10::InferenceMode::is_enabled(), kOp,
                     ": found is an inference tensor, which can be updated in place only inside "
                     "torch.inference_mode()");
@@ -238,9 +240,14 @@ CheckPlan plan_nonfinite_check(at::TensorList tensors, const at::Tensor& found) 
 }
 
 void found_nonfinite_strided(at::TensorList tensors, const at::Tensor& found,
+                             const std::optional<at::Tensor>& due,
                              const std::vector<size_t>& indices) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  for (const size_t i : indices) found.logical_or_(at::isfinite(tensors[i]).logical_not().any());
+  for (const size_t i : indices) {
+    at::Tensor bad = at::isfinite(tensors[i]).logical_not().any();
+    if (due) bad = bad.logical_and(due->reshape({}));
+    found.logical_or_(bad);
+  }
 }
 
 void bump_versions(at::TensorList slow, at::TensorList fast) {

@@ -86,20 +86,26 @@ struct CheckPlan {
   std::vector<size_t> strided;
 };
 
-// Validates found_nonfinite_(tensors, found): dense floating tensors of one dtype on one device, and
-// `found` a one-element bool tensor on that device. Throws naming the offending argument.
-CheckPlan plan_nonfinite_check(at::TensorList tensors, const at::Tensor& found);
+// Validates found_nonfinite_(tensors, found, due): dense floating tensors of one dtype on one device,
+// and `found` and `due` one-element bool tensors on that device. Throws naming the offending
+// argument.
+CheckPlan plan_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
+                               const std::optional<at::Tensor>& due);
 
-// found |= any element of tensors[i] is NaN or infinite, for the given i, with ATen on the device.
+// found |= (due and any element of tensors[i] is NaN or infinite), for the given i, with ATen on the
+// device.
 void found_nonfinite_strided(at::TensorList tensors, const at::Tensor& found,
+                             const std::optional<at::Tensor>& due,
                              const std::vector<size_t>& indices);
 
-// found_nonfinite_ around a backend's kernel for the flat tensors; bumps found's version.
+// found_nonfinite_ around a backend's kernel for the flat tensors, which reads `due` itself; bumps
+// found's version.
 template <typename FlatKernel>
-void found_nonfinite_with(at::TensorList tensors, const at::Tensor& found, FlatKernel&& flat_kernel) {
-  const CheckPlan plan = plan_nonfinite_check(tensors, found);
+void found_nonfinite_with(at::TensorList tensors, const at::Tensor& found,
+                          const std::optional<at::Tensor>& due, FlatKernel&& flat_kernel) {
+  const CheckPlan plan = plan_nonfinite_check(tensors, found, due);
   if (!plan.flat.empty()) flat_kernel(plan.flat);
-  if (!plan.strided.empty()) found_nonfinite_strided(tensors, found, plan.strided);
+  if (!plan.strided.empty()) found_nonfinite_strided(tensors, found, due, plan.strided);
   bump_versions({}, {found});
 }
 

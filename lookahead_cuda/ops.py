@@ -68,8 +68,13 @@ def _lookahead_update_if_fake(
 
 
 @torch.library.register_fake("lookahead_cuda::found_nonfinite_")
-def _found_nonfinite_fake(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
-    _check_flag("found_nonfinite_", "found", found, tensors[0].device if tensors else None)
+def _found_nonfinite_fake(
+    tensors: list[torch.Tensor], found: torch.Tensor, due: torch.Tensor | None = None
+) -> None:
+    device = tensors[0].device if tensors else None
+    _check_flag("found_nonfinite_", "found", found, device)
+    if due is not None:
+        _check_flag("found_nonfinite_", "due", due, device)
 
 
 def _check_flag(op: str, name: str, flag: torch.Tensor, device: torch.device | None) -> None:
@@ -172,16 +177,20 @@ def lookahead_update_if_(
         f.copy_(torch.where(due, s.to(f.dtype), f))
 
 
-def found_nonfinite_(tensors: Sequence[torch.Tensor], found: torch.Tensor) -> None:
+def found_nonfinite_(
+    tensors: Sequence[torch.Tensor], found: torch.Tensor, due: torch.Tensor | None = None
+) -> None:
     """Set ``found`` (a one-element ``torch.bool`` tensor on the tensors' device) to True if any
     element of ``tensors`` (one floating dtype) is NaN or infinite; leave it as it is otherwise.
 
-    One read-only pass on the device; the host does not wait for the answer.
+    One read-only pass on the device; the host does not wait for the answer. With ``due`` (a
+    one-element ``torch.bool`` tensor there), nothing is read unless it holds True.
     """
     if len(tensors) == 0:
         return
     if tensors[0].device.type in _KERNEL_DEVICE_TYPES:
-        torch.ops.lookahead_cuda.found_nonfinite_(list(tensors), found)
+        torch.ops.lookahead_cuda.found_nonfinite_(list(tensors), found, due)
         return
     for t in tensors:
-        found.logical_or_(~torch.isfinite(t).all())
+        bad = ~torch.isfinite(t).all()
+        found.logical_or_(bad if due is None else bad & due)

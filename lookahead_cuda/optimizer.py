@@ -362,7 +362,7 @@ class Lookahead(Optimizer):
                 counter += 1 - found_inf.to(counter.device, counter.dtype)
             if self._decides_on_device(counter) and group[INNER_STATE] != "reset":
                 on_device.append(group)
-            elif counter >= group[K]:
+            elif counter >= group[K]:  # with "reset" and a device counter, this waits for it
                 on_host.append(group)
         if on_host:
             self._slow_update(on_host, gated=False)
@@ -491,12 +491,14 @@ class Lookahead(Optimizer):
             return due, None
         device = group["params"][0].device
         restore = torch.zeros((), dtype=torch.bool, device=device)
+        # Gated by due, so that a step decided on the device reads the weights only at a sync.
         for (bucket_device, _, _), (_, fast) in self._weight_buckets(group).items():
+            gate = None if due is None else due.to(bucket_device)
             if bucket_device == device:
-                found_nonfinite_(fast, restore)
+                found_nonfinite_(fast, restore, gate)
             else:
                 found = torch.zeros((), dtype=torch.bool, device=bucket_device)
-                found_nonfinite_(fast, found)
+                found_nonfinite_(fast, found, gate)
                 restore |= found.to(device)
         sharded_over = _mesh_group(group["params"])
         if sharded_over is not None:

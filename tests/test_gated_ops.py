@@ -141,6 +141,7 @@ def test_opcheck():
     torch.library.opcheck(update_if, (slow, fast, 0.25, flag(False, "cpu"), None))
     tensors = [torch.randn(5), torch.randn(3, 3)]
     torch.library.opcheck(found_nonfinite, (tensors, flag(False, "cpu")))
+    torch.library.opcheck(found_nonfinite, (tensors, flag(False, "cpu"), flag(True, "cpu")))
 
 
 def test_compile_without_graph_breaks():
@@ -202,3 +203,16 @@ def test_python_fallbacks_decide_the_same_way(monkeypatch):
         found = flag(False, "cpu")
         ops.found_nonfinite_(tensors, found)
         assert found.item() == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("due", [False, True])
+def test_found_nonfinite_reads_nothing_unless_due(device, due):
+    flat = torch.randn(70001, device=device)
+    flat[-1] = float("nan")
+    strided = torch.randn(40, 30, device=device)[:, ::2]
+    strided[-1, -1] = float("nan")
+    for tensors in ([flat], [strided]):
+        found = flag(False, device)
+        found_nonfinite(tensors, found, flag(due, device))
+        assert found.item() == due

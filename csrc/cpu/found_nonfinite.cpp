@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "../op_contract.h"
@@ -26,8 +27,10 @@ bool any_nonfinite(const T* __restrict__ x, int64_t n) {
   return bad;
 }
 
-void found_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found) {
-  found_nonfinite_with(tensors, found, [&](const std::vector<FlatTensor>& flat) {
+void found_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found,
+                         const std::optional<at::Tensor>& due) {
+  found_nonfinite_with(tensors, found, due, [&](const std::vector<FlatTensor>& flat) {
+    if (due && !due->item<bool>()) return;
     std::atomic<bool> bad{false};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
                                     "found_nonfinite_", [&] {

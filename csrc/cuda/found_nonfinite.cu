@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <vector>
 
 #include "../op_contract.h"
@@ -23,7 +24,10 @@ __device__ __forceinline__ bool is_nonfinite(T x) {
 
 template <typename T>
 __global__ void __launch_bounds__(mta::kBlockSize)
-    nonfinite_kernel(const LOOKAHEAD_GRID_CONSTANT mta::TensorTable<1> table, bool* found) {
+    nonfinite_kernel(const LOOKAHEAD_GRID_CONSTANT mta::TensorTable<1> table, const bool* due,
+                     bool* found) {
+  // Uniform over the grid, so whole blocks leave and the barrier below is never half-reached.
+  if (due != nullptr && !*due) return;
   constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
   using Vector = mta::Vec<T, kWidth>;
   bool bad = false;
@@ -47,11 +51,13 @@ __global__ void __launch_bounds__(mta::kBlockSize)
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found = true;
 }
 
-void found_nonfinite_cuda(at::TensorList tensors, const at::Tensor& found) {
-  found_nonfinite_with(tensors, found, [&](const std::vector<FlatTensor>& flat) {
+void found_nonfinite_cuda(at::TensorList tensors, const at::Tensor& found,
+                          const std::optional<at::Tensor>& due) {
+  found_nonfinite_with(tensors, found, due, [&](const std::vector<FlatTensor>& flat) {
     const c10::cuda::CUDAGuard device_guard(found.device());
     const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
     bool* flag = found.data_ptr<bool>();
+    const bool* gate = due ? due->data_ptr<bool>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
                                     "found_nonfinite_", [&] {
       const int max_grid = mta::resident_blocks<nonfinite_kernel<scalar_t>>(stream.device_index());
@@ -60,7 +66,7 @@ void found_nonfinite_cuda(at::TensorList tensors, const at::Tensor& found) {
           [](const FlatTensor& x) { return std::array<void*, 1>{const_cast<void*>(x.data)}; },
           [&](const mta::TensorTable<1>& table) {
             const int grid = std::min(table.total_chunks, max_grid);
-            nonfinite_kernel<scalar_t><<<grid, mta::kBlockSize, 0, stream.stream()>>>(table, flag);
+            nonfinite_kernel<scalar_t><<<grid, mta::kBlockSize, 0, stream.stream()>>>(table, gate, flag);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     });
