@@ -90,9 +90,9 @@ def main() -> None:
         dcp.load(loaded, checkpoint_id=path[0])
         set_model_state_dict(fresh_model, loaded["model"])
         set_optimizer_state_dict(fresh_model, fresh_optimizer, loaded["optim"])
-        dist.barrier()
-    if rank == 0:
-        print("checkpoint saved and loaded back", flush=True)
+        if rank == 0:
+            print("checkpoint saved and loaded back", flush=True)
+        dist.barrier()  # the directory is rank 0's: it stays until every process has loaded
     dist.destroy_process_group()
 
 
