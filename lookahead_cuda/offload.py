@@ -36,8 +36,9 @@ def _chunks(fast: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[list[int
         yield chunk
 
 
-class _Staging:
-    """Two reusable host buffers, pinned when the fast weights are on CUDA, grown as needed."""
+class StagingBuffers:
+    """Two reusable host buffers, pinned when the fast weights are on CUDA, grown as needed; one
+    set per optimizer, so that optimizers syncing from different threads do not share them."""
 
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
@@ -58,25 +59,25 @@ class _Staging:
         return views
 
 
-_STAGING = _Staging()
-
-
 def offloaded_update_(
     slow: Sequence[torch.Tensor],
     fast: Sequence[torch.Tensor],
     alpha: float,
     due: torch.Tensor | None = None,
     restore: torch.Tensor | None = None,
+    staging: StagingBuffers | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
     """:func:`~lookahead_cuda.lookahead_update_` (or, with flags, ``lookahead_update_if_``) for
     slow weights on the CPU and fast weights of one dtype on another device (or the CPU).
 
     The host needs the flags' values to decide, so it waits for them here; it also waits for the
-    last chunk to come back, so the caller's stream sees the updated fast weights.
+    last chunk to come back, so the caller's stream sees the updated fast weights. Pass the same
+    ``staging`` to every call to reuse its pinned buffers.
     """
     if len(fast) == 0:
         return
+    staging = staging or StagingBuffers()
     host = torch.device("cpu")
     if due is not None and not bool(due.to(host)):
         return
@@ -88,7 +89,7 @@ def offloaded_update_(
     in_flight: list[tuple[list[int], list[torch.Tensor], torch.cuda.Event | None]] = []
 
     def send_down(indices: list[int]) -> None:
-        staged = _STAGING.views(len(in_flight) % 2, [fast[i] for i in indices], pin=on_cuda)
+        staged = staging.views(len(in_flight) % 2, [fast[i] for i in indices], pin=on_cuda)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for i, view in zip(indices, staged):
                 view.copy_(fast[i], non_blocking=on_cuda)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lookahead_cuda.offload import offloaded_update_
+from lookahead_cuda.offload import StagingBuffers, offloaded_update_
 from lookahead_cuda.ops import (
     SUPPORTED_DTYPE_PAIRS,
     found_nonfinite_,
@@ -224,6 +224,7 @@ class Lookahead(Optimizer):
         self._settings = settings
         self.capturable = capturable
         self.slow_device = None if slow_device is None else torch.device(slow_device)
+        self._staging = StagingBuffers()
         #: Lookahead's own per-parameter state: ``slow_param``, the pullback buffers' slow copies
         #: (``slow_exp_avg``, ...), and in each group's first parameter the ``step`` counter (and
         #: with ``nonfinite="restore"``, the ``nonfinite_restores`` count).
@@ -262,6 +263,7 @@ class Lookahead(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_bucket_cache"] = {}
+        state["_staging"] = StagingBuffers()
         return state
 
     def __repr__(self) -> str:
@@ -536,7 +538,7 @@ class Lookahead(Optimizer):
                 kept = [(s, f) for s, f in zip(slow, fast) if id(f) not in skip]
                 slow, fast = [s for s, _ in kept], [f for _, f in kept]
             if slow and slow[0].device != fast[0].device:
-                offloaded_update_(slow, fast, alpha, due, restore)
+                offloaded_update_(slow, fast, alpha, due, restore, self._staging)
             elif due is None:
                 lookahead_update_(slow, fast, alpha)
             else:
