@@ -380,7 +380,8 @@ class Lookahead(Optimizer):
         """Run the slow update now for every param group, and restart their k counts."""
         with torch.no_grad():
             self._take_slow_weights()
-            self._slow_update([group for group in self.param_groups if group["params"]], False)
+            groups = [group for group in self.param_groups if group["params"]]
+            self._slow_update(groups, gated=False)
 
     @property
     def nonfinite_restores(self) -> int:
