@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -17,13 +18,6 @@ from lookahead_cuda.ops import (
     lookahead_update_,
     lookahead_update_if_,
 )
-
-try:  # torch builds without distributed support have no DTensor
-    from torch.distributed.tensor import DTensor
-
-    _SHARDED: tuple[type, ...] = (DTensor,)
-except ImportError:
-    _SHARDED = ()
 
 # Lookahead's settings live in every param group next to the inner optimizer's hyperparameters
 # (prefixed: RMSprop already has an `alpha`), so they can differ per group, are changed the way a
@@ -751,21 +745,29 @@ def _flags_on(
     return due.to(device), None if restore is None else restore.to(device)
 
 
+def _sharded_types() -> tuple[type, ...]:
+    # A DTensor exists only once its module is loaded, and importing it here would cost every user
+    # the import of torch.distributed (most of a second).
+    module = sys.modules.get("torch.distributed.tensor")
+    return (module.DTensor,) if module is not None else ()
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of tensor that this process holds: a DTensor's local shard (FSDP2), else itself.
 
     A slow copy is made from its parameter (or buffer) with the same placements, so the two local
     shards pair up element by element and the update never gathers anything.
     """
-    if isinstance(tensor, _SHARDED):
+    if isinstance(tensor, _sharded_types()):
         return tensor._local_tensor  # type: ignore[attr-defined]
     return tensor
 
 
 def _mesh_group(tensors: Iterable[torch.Tensor]) -> Any:
     """The process group of the first DTensor among tensors, or None."""
+    sharded = _sharded_types()
     for t in tensors:
-        if isinstance(t, _SHARDED):
+        if isinstance(t, sharded):
             return t.device_mesh.get_group()  # type: ignore[attr-defined]
     return None
 
