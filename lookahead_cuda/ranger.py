@@ -47,6 +47,10 @@ class Ranger(Lookahead):
         weight_decay (float, optional): RAdam's L2 penalty, >= 0 (default: 0).
         use_gc (bool, optional): centralize the gradients of parameters with two or more
             dimensions; stored per param group as ``use_gc`` (default: True).
+        inner_state, slow_dtype, nonfinite, slow_device (optional, keyword-only):
+            :class:`Lookahead`'s, with its defaults.
+        capturable (bool, optional, keyword-only): :class:`Lookahead`'s, and RAdam's too, so that
+            a whole Ranger step can be captured in a CUDA graph (default: False).
 
     RAdam's other options keep torch's defaults (``eps=1e-8``, ...); set them in
     ``opt.param_groups`` if needed. With a closure, :meth:`step` evaluates it first (with
@@ -63,13 +67,30 @@ class Ranger(Lookahead):
         betas: tuple[float, float] = (0.95, 0.999),
         weight_decay: float = 0,
         use_gc: bool = True,
+        *,
+        inner_state: str = "keep",
+        slow_dtype: torch.dtype | None = None,
+        nonfinite: str = "propagate",
+        capturable: bool = False,
+        slow_device: str | torch.device | None = None,
     ) -> None:
         _check_use_gc(use_gc, "Ranger()")
         # Read by add_param_group, which Lookahead.__init__ calls for every group it adopts.
         self._use_gc = use_gc
         # RAdam validates lr, betas and weight_decay with torch.optim's own messages.
-        radam = torch.optim.RAdam(params, lr=lr, betas=betas, weight_decay=weight_decay)
-        super().__init__(radam, k=k, alpha=alpha)
+        radam = torch.optim.RAdam(
+            params, lr=lr, betas=betas, weight_decay=weight_decay, capturable=capturable
+        )
+        super().__init__(
+            radam,
+            k=k,
+            alpha=alpha,
+            inner_state=inner_state,
+            slow_dtype=slow_dtype,
+            nonfinite=nonfinite,
+            capturable=capturable,
+            slow_device=slow_device,
+        )
 
     def __repr__(self) -> str:
         return f"Ranger(use_gc={self._use_gc}, " + super().__repr__().removeprefix("Lookahead(")

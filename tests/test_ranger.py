@@ -220,3 +220,22 @@ def test_is_a_lookahead_with_its_api():
 def test_rejects_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         Ranger(make_model().parameters(), **kwargs)
+
+
+def test_passes_lookahead_options_on():
+    data = batches(9)
+    options = {"inner_state": "pullback", "nonfinite": "restore", "slow_device": "cpu"}
+    model = make_model()
+    ranger = Ranger(model.parameters(), k=3, **options, **SETTINGS)
+    train(model, ranger, data, use_gc=False, step=None)
+
+    by_hand_model = make_model()
+    radam = torch.optim.RAdam(by_hand_model.parameters(), **SETTINGS)
+    by_hand = Lookahead(radam, k=3, **options)
+    train(by_hand_model, by_hand, data, use_gc=True)
+    assert_same_weights(model, by_hand_model)
+    assert ranger.inner_state == "pullback" and ranger.nonfinite == "restore"
+    assert ranger.slow_device == torch.device("cpu")
+    # capturable reaches RAdam as well, which is what a CUDA-graph capture of the step needs.
+    capturable = Ranger(make_model().parameters(), capturable=True)
+    assert capturable.capturable and capturable.optimizer.defaults["capturable"]
