@@ -415,7 +415,7 @@ class Lookahead(Optimizer):
                     _check_dtype_pair(dtype, param.dtype, f"param group {index}")
                     missing.append((param, dtype))
         for param, dtype in missing:
-            self.lookahead_state[param]["slow_param"] = self._slow_copy(param, dtype)
+            self.lookahead_state[param]["slow_param"] = self._slow_copy(param, dtype, param)
         for group in self.param_groups:
             if group["params"]:
                 ours = self.lookahead_state[group["params"][0]]
@@ -434,15 +434,22 @@ class Lookahead(Optimizer):
         for group in self.param_groups:
             self._weight_buckets(group)
 
-    def _slow_copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A copy of tensor in dtype, where Lookahead keeps the slow copies of its parameter."""
-        home = self.slow_device or tensor.device
-        if home == tensor.device:
-            return tensor.detach().to(dtype, copy=True)
+    def _home(self, owner: torch.Tensor) -> torch.device:
+        """Where the slow copy of owner (a parameter or an inner buffer) lives."""
+        return self.slow_device or owner.device
+
+    def _slow_copy(
+        self, source: torch.Tensor, dtype: torch.dtype, owner: torch.Tensor
+    ) -> torch.Tensor:
+        """A copy of source in dtype, on owner's home (see _home), in one copy from wherever source
+        is (a checkpoint on the CPU, the old device of a moved model)."""
+        home = self._home(owner)
         # Pinned, so that the chunks of a sync travel asynchronously (lookahead_cuda/offload.py).
-        pin = home.type == "cpu" and tensor.device.type == "cuda"
-        copy = torch.empty(tensor.shape, dtype=dtype, device=home, pin_memory=pin)
-        return copy.copy_(tensor.detach())
+        pin = home.type == "cpu" and owner.device.type == "cuda"
+        if not pin:
+            return source.detach().to(home, dtype, copy=True)
+        copy = torch.empty(source.shape, dtype=dtype, device=home, pin_memory=pin)
+        return copy.copy_(source.detach())
 
     def _restores(self, group: Mapping[str, Any]) -> torch.Tensor:
         """The group's count of restoring syncs, on its device, created at first need."""
@@ -574,9 +581,9 @@ class Lookahead(Optimizer):
                     continue
                 slow = ours.get("slow_" + name)
                 if slow is None or slow.shape != buffer.shape:
-                    slow = self._slow_copy(buffer, _slow_dtype(group, buffer)).zero_()
-                elif slow.device != (self.slow_device or buffer.device):  # the model moved
-                    slow = self._slow_copy(slow, slow.dtype)
+                    slow = self._slow_copy(buffer, _slow_dtype(group, buffer), buffer).zero_()
+                elif slow.device != self._home(buffer):  # the model moved
+                    slow = self._slow_copy(slow, slow.dtype, buffer)
                 ours["slow_" + name] = slow
                 pairs.append((slow, buffer))
         return pairs
@@ -593,8 +600,8 @@ class Lookahead(Optimizer):
                 dtype = slow.dtype
                 if (dtype, param.dtype) not in SUPPORTED_DTYPE_PAIRS:
                     dtype = _slow_dtype(group, param)
-                if slow.device != (self.slow_device or param.device) or slow.dtype != dtype:
-                    ours["slow_param"] = self._slow_copy(slow.to(param.device), dtype)
+                if slow.device != self._home(param) or slow.dtype != dtype:
+                    ours["slow_param"] = self._slow_copy(slow, dtype, param)
                     moved = True
         if moved:
             self._bucket_cache.clear()
@@ -680,11 +687,11 @@ class Lookahead(Optimizer):
                     dtype = value.dtype
                     if (dtype, param.dtype) not in SUPPORTED_DTYPE_PAIRS:
                         dtype = _slow_dtype(group, param)
-                    entry[name] = self._slow_copy(value.to(param.device), dtype)
+                    entry[name] = self._slow_copy(value, dtype, param)
                 elif name == "nonfinite_restores":
                     entry[name] = value.detach().to(param.device, torch.float32, copy=True)
                 else:
-                    entry[name] = self._slow_copy(value.to(param.device), value.dtype)
+                    entry[name] = self._slow_copy(value, value.dtype, param)
         self._needs_slow_weights = True
         self._bucket_cache.clear()
 

@@ -138,14 +138,22 @@ def test_lookahead_end_to_end_on_cuda(inner_state):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=1e-5)
 
 
-def test_slow_weights_follow_the_model_to_the_gpu():
+@pytest.mark.parametrize("inner_state", ["keep", "pullback"])
+def test_slow_weights_follow_the_model_to_the_gpu(inner_state):
     model = make_model()
-    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
-    train(model, opt, batches(1))
+    opt = Lookahead(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2, inner_state=inner_state
+    )
+    train(model, opt, batches(3))
     model.cuda()
+    for state in opt.state.values():  # as a user moves the inner state along with the model
+        state["momentum_buffer"] = state["momentum_buffer"].cuda()
     train(model, opt, [(x.cuda(), y.cuda()) for x, y in batches(2)])
     for p in model.parameters():
-        assert opt.lookahead_state[p]["slow_param"].device == p.device
+        ours = opt.lookahead_state[p]
+        assert ours["slow_param"].device == p.device
+        if inner_state == "pullback":
+            assert ours["slow_momentum_buffer"].device == p.device
 
 
 # -- large-model training (issue: torch.compile, CUDA graphs, AMP, divergence guard) --------------
