@@ -77,8 +77,9 @@ def _extension():
     with_cuda = _want_cuda()
     from torch.utils import cpp_extension
 
-    # Schema and shared contract, then one file per op and backend.
-    sources = [os.path.join(CSRC, "lookahead.cpp"), os.path.join(CSRC, "op_contract.cpp")]
+    # Schema, shared contract and Python entry points, then one file per op and backend.
+    shared = ("lookahead.cpp", "op_contract.cpp", "python_calls.cpp")
+    sources = [os.path.join(CSRC, name) for name in shared]
     sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     # OpenMP: ATen's parallel_for only runs in parallel when the calling code is compiled with it;
     # at load time the extension binds to the libgomp that torch already loaded (one thread pool).

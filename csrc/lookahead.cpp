@@ -14,7 +14,6 @@
 // would need a gradient through them.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -23,6 +22,8 @@
 #include <string>
 
 #include "cpu/stream_swap.h"
+#include "op_handles.h"
+#include "python_calls.h"
 
 TORCH_LIBRARY(lookahead_cuda, m) {
   m.def("lookahead_update_(Tensor(a!)[] slow, Tensor(b!)[] fast, float alpha) -> ()");
@@ -42,11 +43,6 @@ void check_no_grad_required(const char* op, at::TensorList tensors, const char* 
   }
 }
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // Explicit autograd kernels instead of torch's boxed fallback: they state the ops' autograd
 // behaviour, and spare every call boxing each tensor of the lists.
 void lookahead_update_autograd(at::TensorList slow, at::TensorList fast, double alpha) {
@@ -54,10 +50,8 @@ void lookahead_update_autograd(at::TensorList slow, at::TensorList fast, double 
     check_no_grad_required("lookahead_update_", slow, "slow");
     check_no_grad_required("lookahead_update_", fast, "fast");
   }
-  static const auto op =
-      find_op<void(at::TensorList, at::TensorList, double)>("lookahead_cuda::lookahead_update_");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(slow, fast, alpha);
+  lookahead::lookahead_update_op().call(slow, fast, alpha);
 }
 
 void lookahead_update_if_autograd(at::TensorList slow, at::TensorList fast, double alpha,
@@ -66,21 +60,15 @@ void lookahead_update_if_autograd(at::TensorList slow, at::TensorList fast, doub
     check_no_grad_required("lookahead_update_if_", slow, "slow");
     check_no_grad_required("lookahead_update_if_", fast, "fast");
   }
-  static const auto op =
-      find_op<void(at::TensorList, at::TensorList, double, const at::Tensor&,
-                   const std::optional<at::Tensor>&)>("lookahead_cuda::lookahead_update_if_");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(slow, fast, alpha, due, restore);
+  lookahead::lookahead_update_if_op().call(slow, fast, alpha, due, restore);
 }
 
 // Only reads its tensors (which may require grad) and writes a bool flag: nothing to differentiate.
 void found_nonfinite_autograd(at::TensorList tensors, const at::Tensor& found,
                               const std::optional<at::Tensor>& due) {
-  static const auto op =
-      find_op<void(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&)>(
-          "lookahead_cuda::found_nonfinite_");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(tensors, found, due);
+  lookahead::found_nonfinite_op().call(tensors, found, due);
 }
 
 }  // namespace
@@ -112,4 +100,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_swap_", &lookahead::stream_swap_cpu, pybind11::arg("a"), pybind11::arg("b"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Benchmark yardstick: exchange two float32 CPU tensors in place, streaming.");
+  lookahead::def_python_calls(m);
 }

@@ -79,6 +79,7 @@ void check_flag(const char* op, const at::Tensor& flag, const char* arg,
 }
 
 bool same_element_order(const at::Tensor& slow, const at::Tensor& fast) {
+  if (slow.is_contiguous() && fast.is_contiguous()) return true;  // the common case, two flags
   if (!slow.is_non_overlapping_and_dense() || !fast.is_non_overlapping_and_dense()) return false;
   for (int64_t d = 0; d < slow.dim(); ++d) {
     // A dimension of size 1 is never stepped over, so its stride does not matter.
@@ -107,14 +108,29 @@ Extent extent_of(const at::Tensor& t, const void* data, bool known_dense, const 
   return {begin, begin + static_cast<uintptr_t>(elements * t.element_size()), list, index};
 }
 
-// Sorting the ranges by start finds any two overlapping tensors in O(n log n), so a call with
-// thousands of parameters (possibly views into one flat buffer) stays cheap to validate.
-void check_no_shared_memory(const char* op, std::vector<Extent>& extents) {
-  std::sort(extents.begin(), extents.end(),
-            [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
-  for (size_t i = 1; i < extents.size(); ++i) {
-    const Extent& prev = extents[i - 1];
-    const Extent& next = extents[i];
+bool starts_before(const Extent& a, const Extent& b) { return a.begin < b.begin; }
+
+// Puts one list's ranges in address order. Parameters usually come in allocation order, ascending
+// (heap) or descending (separately mapped large blocks): one linear pass then, not a sort.
+void order_by_address(std::vector<Extent>& extents) {
+  if (std::is_sorted(extents.begin(), extents.end(), starts_before)) return;
+  if (std::is_sorted(extents.rbegin(), extents.rend(), starts_before)) {
+    std::reverse(extents.begin(), extents.end());
+    return;
+  }
+  std::sort(extents.begin(), extents.end(), starts_before);
+}
+
+// In address order, any two overlapping ranges are neighbours, so a call with thousands of
+// parameters (possibly views into one flat buffer) stays cheap to validate.
+void check_no_shared_memory(const char* op, std::vector<Extent>& slow, std::vector<Extent>& fast) {
+  order_by_address(slow);
+  order_by_address(fast);
+  std::vector<Extent> all(slow.size() + fast.size());
+  std::merge(slow.begin(), slow.end(), fast.begin(), fast.end(), all.begin(), starts_before);
+  for (size_t i = 1; i < all.size(); ++i) {
+    const Extent& prev = all[i - 1];
+    const Extent& next = all[i];
     TORCH_CHECK_VALUE(next.begin >= prev.end, op, ": ", name(prev.list, prev.index),
                       " and ", name(next.list, next.index),
                       " share memory; every slow and fast tensor must be distinct storage (is the "
@@ -137,8 +153,10 @@ CallPlan plan_lookahead_call(const char* op, at::TensorList slow, at::TensorList
   const auto device = slow[0].device();
   const auto slow_dtype = slow[0].scalar_type();
   const auto fast_dtype = fast[0].scalar_type();
-  std::vector<Extent> extents;
-  extents.reserve(2 * slow.size());
+  std::vector<Extent> slow_extents;
+  std::vector<Extent> fast_extents;
+  slow_extents.reserve(slow.size());
+  fast_extents.reserve(fast.size());
   plan.flat.reserve(slow.size());
   for (size_t i = 0; i < slow.size(); ++i) {
     const at::Tensor& s = slow[i];
@@ -170,10 +188,10 @@ CallPlan plan_lookahead_call(const char* op, at::TensorList slow, at::TensorList
     } else {
       plan.strided.push_back(i);
     }
-    extents.push_back(extent_of(s, s_data, flat, "slow", i));
-    extents.push_back(extent_of(f, f_data, flat, "fast", i));
+    slow_extents.push_back(extent_of(s, s_data, flat, "slow", i));
+    fast_extents.push_back(extent_of(f, f_data, flat, "fast", i));
   }
-  check_no_shared_memory(op, extents);
+  check_no_shared_memory(op, slow_extents, fast_extents);
   return plan;
 }
 
@@ -251,8 +269,9 @@ void found_nonfinite_strided(at::TensorList tensors, const at::Tensor& found,
 }
 
 void bump_versions(at::TensorList slow, at::TensorList fast) {
-  for (const auto& t : slow) torch::autograd::impl::bump_version(t);
-  for (const auto& t : fast) torch::autograd::impl::bump_version(t);
+  // TensorImpl's own (inline) bump: what torch::autograd's does, less a call per tensor.
+  for (const auto& t : slow) t.unsafeGetTensorImpl()->bump_version();
+  for (const auto& t : fast) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace lookahead

@@ -6,9 +6,23 @@ import torch
 from conftest import DTYPE_PAIRS, reference_update_
 
 import lookahead_cuda
+from lookahead_cuda import _C
 
 update_if = torch.ops.lookahead_cuda.lookahead_update_if_
 found_nonfinite = torch.ops.lookahead_cuda.found_nonfinite_
+
+
+# The wrappers' eager path (csrc/python_calls.cpp), asserting that it was taken.
+def eager_update_if(slow, fast, alpha, due, restore=None):
+    assert _C.try_lookahead_update_if_(slow, fast, alpha, due, restore), "declined"
+
+
+def eager_found_nonfinite(tensors, found, due=None):
+    assert _C.try_found_nonfinite_(tensors, found, due), "declined"
+
+
+UPDATE_IF = {"torch.ops": update_if, "eager": eager_update_if}
+FOUND_NONFINITE = {"torch.ops": found_nonfinite, "eager": eager_found_nonfinite}
 
 DEVICES = [
     "cpu",
@@ -47,10 +61,11 @@ def assert_bitwise(actual, expected):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
-def test_not_due_writes_nothing(device, slow_dtype, fast_dtype):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_not_due_writes_nothing(device, slow_dtype, fast_dtype, entry):
     slow, fast = random_pairs(slow_dtype, fast_dtype, device)
     before = clones(slow + fast)
-    update_if(slow, fast, 0.5, flag(False, device), flag(True, device))
+    UPDATE_IF[entry](slow, fast, 0.5, flag(False, device), flag(True, device))
     assert_bitwise(slow + fast, before)
 
 
@@ -58,34 +73,37 @@ def test_not_due_writes_nothing(device, slow_dtype, fast_dtype):
 @pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize("restore", [None, False])
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 1.0])
-def test_due_is_the_update(device, slow_dtype, fast_dtype, restore, alpha):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_due_is_the_update(device, slow_dtype, fast_dtype, restore, alpha, entry):
     slow, fast = random_pairs(slow_dtype, fast_dtype, device)
     slow_ref, fast_ref = clones(slow), clones(fast)
     reference_update_(slow_ref, fast_ref, alpha)
     restore_flag = None if restore is None else flag(restore, device)
-    update_if(slow, fast, alpha, flag(True, device), restore_flag)
+    UPDATE_IF[entry](slow, fast, alpha, flag(True, device), restore_flag)
     assert_bitwise(slow + fast, slow_ref + fast_ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
-def test_restore_copies_slow_into_fast_and_keeps_slow(device, slow_dtype, fast_dtype):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_restore_copies_slow_into_fast_and_keeps_slow(device, slow_dtype, fast_dtype, entry):
     slow, fast = random_pairs(slow_dtype, fast_dtype, device)
     fast[1][1] = float("nan")
     fast[0][-1] = float("inf")
     slow_before = clones(slow)
-    update_if(slow, fast, 0.5, flag(True, device), flag(True, device))
+    UPDATE_IF[entry](slow, fast, 0.5, flag(True, device), flag(True, device))
     assert_bitwise(slow, slow_before)
     assert_bitwise(fast, [s.to(f.dtype) for s, f in zip(slow_before, fast)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_one_element_flags_of_any_shape_and_version_bumps(device):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_one_element_flags_of_any_shape_and_version_bumps(device, entry):
     slow, fast = random_pairs(torch.float32, torch.float32, device)
     before = [t._version for t in slow + fast]
     slow_ref, fast_ref = clones(slow), clones(fast)
     reference_update_(slow_ref, fast_ref, 0.5)
-    update_if(slow, fast, 0.5, torch.ones(1, 1, dtype=torch.bool, device=device))
+    UPDATE_IF[entry](slow, fast, 0.5, torch.ones(1, 1, dtype=torch.bool, device=device))
     assert_bitwise(slow + fast, slow_ref + fast_ref)
     assert all(t._version > v for t, v in zip(slow + fast, before))
 
@@ -93,45 +111,48 @@ def test_one_element_flags_of_any_shape_and_version_bumps(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_found_nonfinite_sees_every_element(device, dtype, bad):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_found_nonfinite_sees_every_element(device, dtype, bad, entry):
     sizes = [70001, 3, 0, 65537, 1, 5000]
     # The bad value at chunk and grain boundaries, at the very start, and at the very end.
     for tensor_index, element in [(0, 0), (0, 65535), (0, 65536), (3, 65536), (5, 4999), (4, 0)]:
         tensors = [torch.randn(n, dtype=torch.float64).to(device, dtype) for n in sizes]
         tensors[tensor_index][element] = bad
         found = flag(False, device)
-        found_nonfinite(tensors, found)
+        FOUND_NONFINITE[entry](tensors, found)
         assert found.item(), (tensor_index, element)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_found_nonfinite_leaves_finite_tensors_alone(device, dtype):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_found_nonfinite_leaves_finite_tensors_alone(device, dtype, entry):
     info = torch.finfo(dtype)
     tensors = [torch.randn(n, dtype=torch.float64).to(device, dtype) for n in [70001, 3, 0]]
     tensors[1][0], tensors[1][1], tensors[1][2] = info.max, -info.max, info.tiny / 2
     before = clones(tensors)
     found = flag(False, device)
-    found_nonfinite(tensors, found)
+    FOUND_NONFINITE[entry](tensors, found)
     assert not found.item()
     assert_bitwise(tensors, before)
     found = flag(True, device)
-    found_nonfinite(tensors, found)
+    FOUND_NONFINITE[entry](tensors, found)
     assert found.item()  # a flag already raised stays raised
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_found_nonfinite_in_strided_tensors(device):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_found_nonfinite_in_strided_tensors(device, entry):
     base = torch.randn(40, 30, device=device)
     base[3, 7] = float("nan")
     found = flag(False, device)
-    found_nonfinite([base[:, ::2], base[:, 1::2]], found)
+    FOUND_NONFINITE[entry]([base[:, ::2], base[:, 1::2]], found)
     assert found.item()
     found = flag(False, device)
-    found_nonfinite([base[:, 1::2]], found)  # column 7 is odd: not in the even-column view
+    FOUND_NONFINITE[entry]([base[:, 1::2]], found)  # column 7 is odd: not in the even-column view
     assert found.item()
     found = flag(False, device)
-    found_nonfinite([base[:, ::2]], found)
+    FOUND_NONFINITE[entry]([base[:, ::2]], found)
     assert not found.item()
 
 
@@ -169,21 +190,25 @@ def test_compile_without_graph_breaks():
         (torch.tensor(True, device="meta"), None, ValueError, r"due is on meta"),
     ],
 )
-def test_bad_flags_change_nothing(due, restore, error, match):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_bad_flags_change_nothing(due, restore, error, match, entry):
     slow, fast = random_pairs(torch.float32, torch.float32, "cpu")
     before = clones(slow + fast)
     with pytest.raises(error, match=match):
-        update_if(slow, fast, 0.5, due, restore)
+        UPDATE_IF[entry](slow, fast, 0.5, due, restore)
     assert_bitwise(slow + fast, before)
 
 
-def test_found_nonfinite_rejects_bad_input():
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_found_nonfinite_rejects_bad_input(entry):
     with pytest.raises(TypeError, match=r"found must be a dense torch\.bool tensor"):
-        found_nonfinite([torch.randn(3)], torch.tensor(0.0))
+        FOUND_NONFINITE[entry]([torch.randn(3)], torch.tensor(0.0))
     with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch\.float64"):
-        found_nonfinite([torch.randn(3), torch.randn(3, dtype=torch.float64)], flag(False, "cpu"))
+        FOUND_NONFINITE[entry](
+            [torch.randn(3), torch.randn(3, dtype=torch.float64)], flag(False, "cpu")
+        )
     with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch\.int64"):
-        found_nonfinite([torch.arange(3)], flag(False, "cpu"))
+        FOUND_NONFINITE[entry]([torch.arange(3)], flag(False, "cpu"))
 
 
 def test_python_fallbacks_decide_the_same_way(monkeypatch):
@@ -207,12 +232,28 @@ def test_python_fallbacks_decide_the_same_way(monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("due", [False, True])
-def test_found_nonfinite_reads_nothing_unless_due(device, due):
+@pytest.mark.parametrize("entry", ["torch.ops", "eager"])
+def test_found_nonfinite_reads_nothing_unless_due(device, due, entry):
     flat = torch.randn(70001, device=device)
     flat[-1] = float("nan")
     strided = torch.randn(40, 30, device=device)[:, ::2]
     strided[-1, -1] = float("nan")
     for tensors in ([flat], [strided]):
         found = flag(False, device)
-        found_nonfinite(tensors, found, flag(due, device))
+        FOUND_NONFINITE[entry](tensors, found, flag(due, device))
         assert found.item() == due
+
+
+def test_eager_entry_points_decline_flags_torch_ops_must_handle():
+    class Flag(torch.Tensor):
+        pass
+
+    slow, fast = random_pairs(torch.float32, torch.float32, "cpu")
+    before = clones(slow + fast)
+    due = flag(True, "cpu").as_subclass(Flag)
+    assert not _C.try_lookahead_update_if_(slow, fast, 0.5, due, None)
+    assert not _C.try_lookahead_update_if_(slow, fast, 0.5, flag(True, "cpu"), due)
+    found = flag(False, "cpu")
+    assert not _C.try_found_nonfinite_(slow, found.as_subclass(Flag), None)
+    assert not _C.try_found_nonfinite_(slow, found, due)
+    assert_bitwise(slow + fast, before)

@@ -1,13 +1,28 @@
-"""torch.ops.lookahead_cuda.lookahead_update_ on the CPU against torch's own lerp_/copy_."""
+"""torch.ops.lookahead_cuda.lookahead_update_ on the CPU against torch's own lerp_/copy_, called
+through torch.ops and through the eager entry point that the Python wrapper prefers."""
+
+from typing import ClassVar
 
 import pytest
 import torch
 from conftest import DTYPE_PAIRS, reference_update_
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lookahead_cuda
+from lookahead_cuda import _C
 from lookahead_cuda.ops import foreach_update_
 
 op = torch.ops.lookahead_cuda.lookahead_update_
+
+
+def eager(slow, fast, alpha):
+    """The op as lookahead_cuda.lookahead_update_ calls it outside torch.compile: through the
+    dispatcher without boxing (csrc/python_calls.cpp); asserts that this path was taken."""
+    assert _C.try_lookahead_update_(slow, fast, alpha), "the eager entry point declined"
+
+
+ENTRY_POINTS = {"torch.ops": op, "eager": eager}
 ALPHAS = [0.5, 0.3, 0.8, 1.0, 0.49999999]
 
 
@@ -34,21 +49,23 @@ def assert_bitwise(actual, expected_):
 @pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize("numel", [0, 1, 7, 4097, 65537])
 @pytest.mark.parametrize("alpha", ALPHAS)
-def test_matches_torch_lerp_bitwise(slow_dtype, fast_dtype, numel, alpha):
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_matches_torch_lerp_bitwise(slow_dtype, fast_dtype, numel, alpha, entry):
     slow, fast = random_lists([(numel,)], slow_dtype, fast_dtype)
     slow_ref, fast_ref = expected(slow, fast, alpha)
-    lookahead_cuda.lookahead_update_(slow, fast, alpha)
+    ENTRY_POINTS[entry](slow, fast, alpha)
     assert_bitwise(slow, slow_ref)
     assert_bitwise(fast, fast_ref)
 
 
 @pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize("count", [1, 2, 3, 100, 3000])
-def test_many_tensors_one_call(slow_dtype, fast_dtype, count):
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_many_tensors_one_call(slow_dtype, fast_dtype, count, entry):
     sizes = torch.randint(0, 3000, (count,)).tolist()
     slow, fast = random_lists([(n,) for n in sizes], slow_dtype, fast_dtype)
     slow_ref, fast_ref = expected(slow, fast, 0.5)
-    op(slow, fast, 0.5)
+    ENTRY_POINTS[entry](slow, fast, 0.5)
     assert_bitwise(slow, slow_ref)
     assert_bitwise(fast, fast_ref)
 
@@ -89,10 +106,11 @@ def test_multidimensional_and_non_contiguous_tensors():
     assert torch.equal(base_fast[1][:, 0], untouched)
 
 
-def test_bumps_version_counters():
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_bumps_version_counters(entry):
     slow, fast = random_lists([(5,), (0,)], torch.float32, torch.float32)
     before = [t._version for t in slow + fast]
-    op(slow, fast, 0.5)
+    ENTRY_POINTS[entry](slow, fast, 0.5)
     assert all(t._version > v for t, v in zip(slow + fast, before))
 
 
@@ -130,11 +148,11 @@ def test_compiles_without_graph_breaks():
 def rejected(slow, fast, alpha, error, match):
     with_data = [t for t in list(slow) + list(fast) if t.layout == torch.strided and not t.is_meta]
     before = [t.clone() for t in with_data]
-    with pytest.raises(error, match=match):
-        op(slow, fast, alpha)
-    after = with_data
-    for b, a in zip(before, after):
-        assert torch.equal(b, a)
+    for entry in (op, _C.try_lookahead_update_):
+        with pytest.raises(error, match=match):
+            entry(slow, fast, alpha)
+        for b, a in zip(before, with_data):
+            assert torch.equal(b, a)
 
 
 def test_rejects_lists_of_different_lengths():
@@ -220,3 +238,114 @@ def test_rejects_expanded_tensors():
 def test_rejects_alpha_outside_unit_interval(alpha):
     slow, fast = random_lists([(4,)], torch.float32, torch.float32)
     rejected(slow, fast, alpha, ValueError, r"alpha must be in \(0, 1\]")
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "shuffled"])
+def test_finds_shared_memory_whatever_the_order_of_the_lists(order):
+    # Views of one buffer, so that the order of the lists is the order of their addresses.
+    base = torch.randn(2, 50, 8)
+    slow, fast = list(base[0].unbind()), list(base[1].unbind())
+    permutation = {
+        "ascending": list(range(50)),
+        "descending": list(range(49, -1, -1)),
+        "shuffled": torch.randperm(50).tolist(),
+    }[order]
+    slow, fast = [slow[i] for i in permutation], [fast[i] for i in permutation]
+    slow_ref, fast_ref = expected(slow, fast, 0.5)
+    op(slow, fast, 0.5)  # disjoint: accepted, whatever the order
+    assert_bitwise(slow, slow_ref)
+    assert_bitwise(fast, fast_ref)
+    at = permutation.index(17)
+    fast[at] = base[0, 17:19].flatten()[4:12]  # half of slow[at] and half of its neighbour
+    rejected(slow, fast, 0.5, ValueError, rf"(fast\[{at}\] and slow|slow\[\d+\] and fast\[{at}\])")
+
+
+# -- the eager entry point: the same op, declined where torch.ops must see the call --------------
+
+
+class RecordingFunctionMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class RecordingDispatchMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class LoggingTensor(torch.Tensor):
+    """A subclass with its own __torch_function__, which only torch.ops honours."""
+
+    calls: ClassVar[list] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_eager_entry_point_takes_parameters():
+    slow, fast = random_lists([(4,), (3, 5)], torch.float32, torch.float32)
+    fast = [torch.nn.Parameter(f, requires_grad=False) for f in fast]
+    slow_ref, fast_ref = expected(slow, fast, 0.5)
+    eager(slow, fast, 0.5)
+    assert_bitwise(slow, slow_ref)
+    assert_bitwise(fast, fast_ref)
+
+
+@pytest.mark.parametrize("case", ["subclass", "not a tensor", "alpha tensor", "function mode"])
+def test_eager_entry_point_declines_what_torch_ops_must_handle(case):
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    before = [t.clone() for t in slow + fast]
+    alpha = 0.5
+    mode = RecordingFunctionMode() if case == "function mode" else None
+    if case == "subclass":
+        fast[1] = fast[1].as_subclass(LoggingTensor)
+    elif case == "not a tensor":
+        fast[1] = None
+    elif case == "alpha tensor":
+        alpha = torch.tensor(0.5)
+    if mode is None:
+        assert not _C.try_lookahead_update_(slow, fast, alpha)
+    else:
+        with mode:
+            assert not _C.try_lookahead_update_(slow, fast, alpha)
+    for b, t in zip(before, slow + fast):
+        assert t is None or torch.equal(b, t)
+
+
+def test_wrapper_honours_torch_function_overrides():
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    slow_ref, fast_ref = expected(slow, fast, 0.5)
+    LoggingTensor.calls.clear()
+    fast[0] = fast[0].as_subclass(LoggingTensor)
+    lookahead_cuda.lookahead_update_(slow, fast, 0.5)
+    assert op in LoggingTensor.calls
+    with RecordingFunctionMode() as mode:
+        lookahead_cuda.lookahead_update_(slow, fast, 0.5)
+    assert op in mode.calls
+    expected_twice = expected(slow_ref, fast_ref, 0.5)
+    assert_bitwise(slow, expected_twice[0])
+    assert_bitwise([f.as_subclass(torch.Tensor) for f in fast], expected_twice[1])
+
+
+def test_eager_entry_point_goes_through_the_dispatcher():
+    slow, fast = random_lists([(4,), (4,)], torch.float32, torch.float32)
+    with RecordingDispatchMode() as mode:
+        eager(slow, fast, 0.5)
+    assert mode.calls == [op.default]
+    with torch.profiler.profile() as profile:
+        eager(slow, fast, 0.5)
+    assert "lookahead_cuda::lookahead_update_" in [event.name for event in profile.events()]
+    with pytest.raises(ValueError, match=r"fast\[1\] requires grad"):
+        eager(slow, [fast[0], fast[1].requires_grad_()], 0.5)
