@@ -77,13 +77,12 @@ def _extension():
     with_cuda = _want_cuda()
     from torch.utils import cpp_extension
 
-    # Schema, shared contract and Python entry points, then one file per op and backend.
-    shared = ("lookahead.cpp", "op_contract.cpp", "python_calls.cpp")
-    sources = [os.path.join(CSRC, name) for name in shared]
+    # Schema and module, what every backend shares, then one file per op and backend.
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     # OpenMP: ATen's parallel_for only runs in parallel when the calling code is compiled with it;
     # at load time the extension binds to the libgomp that torch already loaded (one thread pool).
-    # -ffp-contract=off: the kernels choose where a multiply-add is fused (csrc/lerp.h).
+    # -ffp-contract=off: the kernels choose where a multiply-add is fused (csrc/element_math.h).
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     define_macros = []
     extra = {"cxx": cxx_flags}

@@ -1,4 +1,5 @@
-// The (slow, fast) dtype pairs the op supports, and the dispatch from runtime dtypes to kernel types.
+// The (slow, fast) dtype pairs the ops support: the one table, from which validation, kernel
+// dispatch, error messages and the Python side (lookahead_cuda.ops.SUPPORTED_DTYPE_PAIRS) all read.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -6,46 +7,67 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 namespace lookahead {
 
-template <typename T>
-struct TypeTag {
-  using type = T;
+template <typename S, typename F>
+struct DtypePair {
+  using slow_t = S;
+  using fast_t = F;
+  static constexpr c10::ScalarType slow = c10::CppTypeToScalarType<S>::value;
+  static constexpr c10::ScalarType fast = c10::CppTypeToScalarType<F>::value;
 };
 
-// Same-dtype pairs for every floating dtype torch optimizes, plus fp32 slow weights for half-precision
-// parameters (mixed-precision training keeps the slow copy in full precision).
-inline bool is_supported_pair(c10::ScalarType slow, c10::ScalarType fast) {
-  using c10::ScalarType;
-  const bool same_float = slow == fast && (slow == ScalarType::Float || slow == ScalarType::Double ||
-                                           slow == ScalarType::Half || slow == ScalarType::BFloat16);
-  const bool fp32_over_half =
-      slow == ScalarType::Float && (fast == ScalarType::Half || fast == ScalarType::BFloat16);
-  return same_float || fp32_over_half;
+template <typename... Pairs>
+struct PairList {};
+
+// Same-dtype pairs for every floating dtype torch optimizes, plus fp32 slow weights for
+// half-precision parameters (mixed-precision training keeps the slow copy in full precision).
+using SupportedPairs =
+    PairList<DtypePair<float, float>, DtypePair<double, double>, DtypePair<c10::Half, c10::Half>,
+             DtypePair<c10::BFloat16, c10::BFloat16>, DtypePair<float, c10::Half>,
+             DtypePair<float, c10::BFloat16>>;
+
+namespace detail {
+template <typename Fn, typename... Pairs>
+bool visit_pair(PairList<Pairs...>, c10::ScalarType slow, c10::ScalarType fast, Fn&& fn) {
+  return ((slow == Pairs::slow && fast == Pairs::fast && (fn(Pairs{}), true)) || ...);
 }
 
-constexpr const char* kSupportedPairsText =
-    "(float32, float32), (float64, float64), (float16, float16), (bfloat16, bfloat16), "
-    "(float32, float16), (float32, bfloat16)";
+template <typename... Pairs>
+std::vector<std::pair<c10::ScalarType, c10::ScalarType>> list_pairs(PairList<Pairs...>) {
+  return {{Pairs::slow, Pairs::fast}...};
+}
+}  // namespace detail
 
-// Calls fn(TypeTag<slow_t>{}, TypeTag<fast_t>{}) for a pair accepted by is_supported_pair.
+// Calls fn(DtypePair<slow_t, fast_t>{}) for a supported pair; returns false for any other pair.
+template <typename Fn>
+bool visit_dtype_pair(c10::ScalarType slow, c10::ScalarType fast, Fn&& fn) {
+  return detail::visit_pair(SupportedPairs{}, slow, fast, std::forward<Fn>(fn));
+}
+
+inline bool is_supported_pair(c10::ScalarType slow, c10::ScalarType fast) {
+  return visit_dtype_pair(slow, fast, [](auto) {});
+}
+
+// For kernels after validation: the pair is known to be supported.
 template <typename Fn>
 void dispatch_dtype_pair(c10::ScalarType slow, c10::ScalarType fast, Fn&& fn) {
-  using c10::ScalarType;
-  if (slow == fast) {
-    switch (slow) {
-      case ScalarType::Float: return fn(TypeTag<float>{}, TypeTag<float>{});
-      case ScalarType::Double: return fn(TypeTag<double>{}, TypeTag<double>{});
-      case ScalarType::Half: return fn(TypeTag<c10::Half>{}, TypeTag<c10::Half>{});
-      case ScalarType::BFloat16: return fn(TypeTag<c10::BFloat16>{}, TypeTag<c10::BFloat16>{});
-      default: break;
-    }
-  } else if (slow == ScalarType::Float && fast == ScalarType::Half) {
-    return fn(TypeTag<float>{}, TypeTag<c10::Half>{});
-  } else if (slow == ScalarType::Float && fast == ScalarType::BFloat16) {
-    return fn(TypeTag<float>{}, TypeTag<c10::BFloat16>{});
-  }
-  TORCH_INTERNAL_ASSERT(false, "dispatch_dtype_pair reached with an unchecked pair");
+  TORCH_INTERNAL_ASSERT(visit_dtype_pair(slow, fast, std::forward<Fn>(fn)),
+                        "dispatch_dtype_pair reached with an unchecked pair");
 }
+
+inline std::vector<std::pair<c10::ScalarType, c10::ScalarType>> supported_pairs() {
+  return detail::list_pairs(SupportedPairs{});
+}
+
+// torch's Python spelling of a dtype, so messages match what the user wrote.
+std::string dtype_name(c10::ScalarType t);
+
+// "(torch.float32, torch.float32), ...": the table, for error messages.
+std::string supported_pairs_text();
 
 }  // namespace lookahead

@@ -9,9 +9,9 @@
 // found_nonfinite_(tensors, found, due): found <- found or (some element is NaN or infinite); nothing
 //   read unless due (a one-element bool tensor on the device; None: always), so that a step whose
 //   sync is decided on the device checks the weights only when the sync is due.
-// Backends: cpu/ and cuda/, one file per op; the fake (meta) kernels for torch.compile live in
-// lookahead_cuda/ops.py. The updates are not differentiable: autograd only refuses tensors that
-// would need a gradient through them.
+// Backends: cpu/ and cuda/, one file per op; any_device.cpp for the rest (ATen one tensor at a time)
+// and for meta tensors (validation only, which is what torch.compile traces). The updates are not
+// differentiable: autograd only refuses tensors that would need a gradient through them.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/extension.h>
@@ -20,10 +20,14 @@
 
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "cpu/stream_swap.h"
+#include "dtype_pairs.h"
 #include "op_handles.h"
 #include "python_calls.h"
+#include "validation.h"
 
 TORCH_LIBRARY(lookahead_cuda, m) {
   m.def("lookahead_update_(Tensor(a!)[] slow, Tensor(b!)[] fast, float alpha) -> ()");
@@ -97,6 +101,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   }, "How this extension was compiled: the torch it was built against, CUDA kernels, OpenMP.");
+  m.def("supported_dtype_pairs", [] {
+    std::vector<std::pair<std::string, std::string>> pairs;
+    for (const auto& [slow, fast] : lookahead::supported_pairs()) {
+      pairs.emplace_back(lookahead::dtype_name(slow), lookahead::dtype_name(fast));
+    }
+    return pairs;
+  }, "The (slow, fast) dtype pairs the ops support, as names such as 'torch.float32'.");
+  m.def("check_lookahead_update",
+        [](const std::vector<at::Tensor>& slow, const std::vector<at::Tensor>& fast, double alpha,
+           std::vector<std::string> fast_names) {
+          lookahead::validate_update("lookahead_update_", slow, fast, alpha,
+                                     lookahead::ArgumentNames(std::move(fast_names)));
+        },
+        pybind11::arg("slow"), pybind11::arg("fast"), pybind11::arg("alpha"),
+        pybind11::arg("fast_names"),
+        "Raises the error lookahead_update_ would raise for these arguments, naming fast[i] "
+        "fast_names[i]; does nothing otherwise.");
   m.def("stream_swap_", &lookahead::stream_swap_cpu, pybind11::arg("a"), pybind11::arg("b"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Benchmark yardstick: exchange two float32 CPU tensors in place, streaming.");

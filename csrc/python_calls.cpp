@@ -6,9 +6,10 @@
 // through torch.ops and 0.3 ms through these entry points (3000 pairs of 64x64 stream in about
 // 5 ms). They borrow the tensors instead (no reference count changes) and call the same registered
 // ops through the dispatcher, unboxed, so every dispatch key (autograd, Python modes, profiler,
-// tracing) still applies. They decline, doing nothing, when an argument is anything but a plain
-// tensor (a subclass may override __torch_function__) or a __torch_function__ mode is active; the
-// Python wrappers in lookahead_cuda/ops.py then go through torch.ops.
+// tracing) still applies. They decline, doing nothing, when an argument is anything but what the
+// schema names (a tensor subclass may override __torch_function__; a bool is no float) or a
+// __torch_function__ mode is active; the Python wrappers in lookahead_cuda/ops.py then check the
+// arguments' types and go through torch.ops.
 #include "python_calls.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -28,8 +29,10 @@ namespace py = pybind11;
 // that another thread empties while the GIL is released cannot free a tensor in use.
 class BorrowedTensors {
  public:
-  // nullopt unless every element is a plain tensor (torch.Tensor or nn.Parameter).
+  // nullopt unless sequence is a list or tuple whose every element is a plain tensor
+  // (torch.Tensor or nn.Parameter).
   static std::optional<BorrowedTensors> of(py::handle sequence) {
+    if (!PyList_Check(sequence.ptr()) && !PyTuple_Check(sequence.ptr())) return std::nullopt;
     BorrowedTensors borrowed;
     borrowed.snapshot_ = py::reinterpret_steal<py::tuple>(PySequence_Tuple(sequence.ptr()));
     if (!borrowed.snapshot_) throw py::error_already_set();
@@ -66,8 +69,10 @@ bool optional_tensor(py::handle object, std::optional<at::Tensor>& out) {
   return true;
 }
 
-// alpha as the schema's float takes it (a Python float or int); anything else is left to torch.ops.
+// alpha as the schema's float takes it (a Python float or int, not a bool); anything else is left to
+// the Python wrapper's checks.
 std::optional<double> plain_float(py::handle object) {
+  if (PyBool_Check(object.ptr())) return std::nullopt;
   if (!PyFloat_Check(object.ptr()) && !PyLong_Check(object.ptr())) return std::nullopt;
   const double value = PyFloat_AsDouble(object.ptr());
   if (value == -1.0 && PyErr_Occurred()) {

@@ -69,7 +69,8 @@ def offloaded_update_(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
     """:func:`~lookahead_cuda.lookahead_update_` (or, with flags, ``lookahead_update_if_``) for
-    slow weights on the CPU and fast weights of one dtype on another device (or the CPU).
+    slow weights on the CPU and fast weights of one dtype on another device (or the CPU): the path
+    of ``Lookahead(slow_device="cpu")``, chosen by that setting (lookahead_cuda/functional.py).
 
     The host needs the flags' values to decide, so it waits for them here; it also waits for the
     last chunk to come back, so the caller's stream sees the updated fast weights. Pass the same
@@ -112,13 +113,17 @@ def offloaded_update_(
                 fast[i].copy_(view, non_blocking=on_cuda)
 
     # Chunk n + 1 comes down while chunk n is updated; a staging slot is written again only after
-    # the stream has sent its previous chunk up (the copies are ordered on the one stream).
+    # the stream has sent its previous chunk up (the copies are ordered on the one stream). The
+    # side stream is joined however the loop ends, so that no copy of a failed call is still in
+    # flight when the caller goes on (or retries).
     chunks = list(_chunks(fast, chunk_bytes))
-    send_down(chunks[0])
-    for position in range(len(chunks)):
-        if position + 1 < len(chunks):
-            send_down(chunks[position + 1])
-        update_and_send_up(position)
-    if stream is not None:
-        torch.cuda.current_stream(fast[0].device).wait_stream(stream)
-        stream.synchronize()
+    try:
+        send_down(chunks[0])
+        for position in range(len(chunks)):
+            if position + 1 < len(chunks):
+                send_down(chunks[position + 1])
+            update_and_send_up(position)
+    finally:
+        if stream is not None:
+            torch.cuda.current_stream(fast[0].device).wait_stream(stream)
+            stream.synchronize()

@@ -209,25 +209,50 @@ def test_found_nonfinite_rejects_bad_input(entry):
         )
     with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch\.int64"):
         FOUND_NONFINITE[entry]([torch.arange(3)], flag(False, "cpu"))
+    # A floating dtype no kernel reads is refused by validation, not inside dispatch.
+    with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch\.float8_e4m3fn"):
+        FOUND_NONFINITE[entry]([torch.randn(3).to(torch.float8_e4m3fn)], flag(False, "cpu"))
 
 
-def test_python_fallbacks_decide_the_same_way(monkeypatch):
-    """Devices without a kernel get the same decisions through torch.where."""
-    from lookahead_cuda import ops
+def any_device(op, *args):
+    """The op's kernel for devices without one of ours (ATen one tensor at a time), run on CPU
+    tensors: PrivateUse1 has no kernel of its own, so it gets that one."""
+    op.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.PrivateUse1), *args)
 
-    monkeypatch.setattr(ops, "_KERNEL_DEVICE_TYPES", frozenset())
+
+def test_devices_without_a_kernel_decide_the_same_way():
+    """Devices without a kernel get the same decisions through torch.where, and version bumps."""
     for due, restore in [(False, None), (True, None), (True, False), (True, True)]:
         slow, fast = random_pairs(torch.float32, torch.bfloat16, "cpu")
         want_slow, want_fast = clones(slow), clones(fast)
         update_if(want_slow, want_fast, 0.3, flag(due, "cpu"), flag(restore or False, "cpu"))
         restore_flag = None if restore is None else flag(restore, "cpu")
-        ops.lookahead_update_if_(slow, fast, 0.3, flag(due, "cpu"), restore_flag)
+        versions = [t._version for t in slow + fast]
+        any_device(
+            torch.ops.lookahead_cuda.lookahead_update_if_,
+            slow,
+            fast,
+            0.3,
+            flag(due, "cpu"),
+            restore_flag,
+        )
         assert_bitwise(slow + fast, want_slow + want_fast)
+        assert all(t._version > v for t, v in zip(slow + fast, versions))
     finite = [torch.randn(7), torch.randn(3, 3).t()]
     for tensors, want in [(finite, False), ([*finite, torch.tensor([1.0, float("inf")])], True)]:
         found = flag(False, "cpu")
-        ops.found_nonfinite_(tensors, found)
+        any_device(torch.ops.lookahead_cuda.found_nonfinite_, tensors, found, None)
         assert found.item() == want
+    with pytest.raises(ValueError, match="due must hold one element"):
+        slow, fast = random_pairs(torch.float32, torch.float32, "cpu")
+        any_device(
+            torch.ops.lookahead_cuda.lookahead_update_if_,
+            slow,
+            fast,
+            0.3,
+            torch.ones(2, dtype=torch.bool),
+            None,
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)

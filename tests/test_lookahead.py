@@ -499,13 +499,6 @@ def test_evaluate_on_slow_weights(slow_dtype):
         assert torch.equal(p, f)
 
 
-def test_device_without_kernel_falls_back_to_foreach(monkeypatch):
-    ours_model, _ref_model, *_ = run_both(INNER["adam"], k=2, alpha=0.5)
-    monkeypatch.setattr(lookahead_cuda.ops, "_KERNEL_DEVICE_TYPES", frozenset())
-    fallback_model, _, _, _ = run_both(INNER["adam"], k=2, alpha=0.5)
-    assert_same_weights(fallback_model, ours_model)
-
-
 def test_slow_weights_follow_parameters_to_a_new_dtype():
     model = make_model()
     opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=2)

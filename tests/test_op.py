@@ -142,6 +142,70 @@ def test_compiles_without_graph_breaks():
     assert_bitwise(fast, fast_ref)
 
 
+def special_values(dtype):
+    """Values where bitwise claims break first: signed zeros, infinities, NaN, subnormals."""
+    info = torch.finfo(dtype)
+    return torch.tensor(
+        [
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            info.tiny / 4,
+            -info.tiny / 4,
+            info.tiny,
+            info.max,
+            -info.max,
+            1.0,
+            -1.0,
+        ],
+        dtype=torch.float64,
+    ).to(dtype)
+
+
+def with_special_values(numel, dtype):
+    """Random values with a third replaced by special ones, and a run of zeros to meet them."""
+    values = torch.randn(numel, dtype=torch.float64).to(dtype)
+    specials = special_values(dtype)
+    chosen = torch.rand(numel) < 1 / 3
+    values[chosen] = specials[torch.randint(len(specials), (int(chosen.sum()),))]
+    return values
+
+
+def assert_same_bits_unless_nan(actual, wanted):
+    """Bit patterns equal wherever torch's result is not NaN (which includes the sign of zero);
+    NaN wherever it is NaN (the sign and payload of a NaN are not promised)."""
+    for a, w in zip(actual, wanted):
+        nan = torch.isnan(w)
+        assert torch.equal(torch.isnan(a), nan)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        assert torch.equal(a[~nan].view(bits), w[~nan].view(bits))
+
+
+@pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.49999997, 0.3])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_special_values_bitwise(slow_dtype, fast_dtype, alpha, threads):
+    # Sizes around torch's own vector loops (16 and 32 elements) and around its split of a tensor
+    # over threads (beyond 32768 elements): where torch computes an element changes its rounding of
+    # zeros at alpha = 1, and the kernel follows.
+    sizes = [1, 3, 16, 17, 64, 67, 32773, 100003]
+    slow = [with_special_values(n, slow_dtype) for n in sizes]
+    fast = [with_special_values(n, fast_dtype) for n in sizes]
+    for f in fast:
+        f[: len(f) // 2 : 3] = -0.0  # alpha = 1 returns fast, a zero's sign included
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        slow_ref, fast_ref = expected(slow, fast, alpha)
+        op(slow, fast, alpha)
+    finally:
+        torch.set_num_threads(previous)
+    assert_same_bits_unless_nan(slow, slow_ref)
+    assert_same_bits_unless_nan(fast, fast_ref)
+
+
 # -- bad input: a clear error naming what is wrong, and nothing modified ------------------------
 
 
@@ -258,6 +322,89 @@ def test_finds_shared_memory_whatever_the_order_of_the_lists(order):
     at = permutation.index(17)
     fast[at] = base[0, 17:19].flatten()[4:12]  # half of slow[at] and half of its neighbour
     rejected(slow, fast, 0.5, ValueError, rf"(fast\[{at}\] and slow|slow\[\d+\] and fast\[{at}\])")
+
+
+def fake_call(slow, fast, alpha):
+    """The op as torch.compile traces it: on fake tensors (views keep their bases), where only
+    its meta kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        op([mode.from_tensor(t) for t in slow], [mode.from_tensor(t) for t in fast], alpha)
+
+
+def test_the_fake_kernel_validates_as_the_kernels_do():
+    slow, fast = random_lists([(4,), (4, 3)], torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=r"slow\[1\] has shape \[4, 3\] but fast\[1\] has shape"):
+        fake_call(slow, [fast[0], torch.randn(3, 4)], 0.5)
+    with pytest.raises(TypeError, match=r"unsupported dtype pair at index 0"):
+        fake_call([slow[0].double()], [fast[0]], 0.5)
+    base = torch.randn(10)
+    with pytest.raises(ValueError, match=r"fast\[0\] and fast\[1\] share memory"):
+        fake_call([torch.randn(4), torch.randn(4)], [base[:4], base[3:7]], 0.5)
+    with pytest.raises(ValueError, match=r"alpha must be in"):
+        fake_call(slow, fast, 1.5)
+    fake_call([torch.randn(4), torch.randn(4)], [base[:4], base[4:8]], 0.5)  # disjoint views
+
+
+def test_arguments_of_the_wrong_python_type_are_named():
+    t = torch.randn(3)
+    for slow, fast, alpha, match in [
+        ([t], [1.0], 0.5, r"fast\[0\] is a float, not a tensor"),
+        ([t], [None], 0.5, r"fast\[0\] is a NoneType, not a tensor"),
+        ([t, t.clone()], [t.clone(), None], 0.5, r"fast\[1\] is a NoneType"),
+        (t, [t.clone()], 0.5, r"slow must be a list of tensors, got Tensor"),
+        ([t], [t.clone()], "0.5", r"alpha must be a float, got str"),
+        ([t], [t.clone()], True, r"alpha must be a float, got bool"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            lookahead_cuda.lookahead_update_(slow, fast, alpha)
+
+
+def test_empty_lists_are_validated_too():
+    op([], [], 0.5)
+    lookahead_cuda.lookahead_update_([], [], 0.5)
+    for call in (op, lookahead_cuda.lookahead_update_):
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got 2"):
+            call([], [], 2.0)
+
+
+def test_rejects_sparse_csr_tensors():
+    slow, fast = random_lists([(4, 4)], torch.float32, torch.float32)
+    rejected(slow, [fast[0].to_sparse_csr()], 0.5, TypeError, r"fast\[0\] has layout SparseCsr")
+
+
+def test_rejects_self_overlapping_strided_views():
+    base = torch.randn(20)
+    slow, _ = random_lists([(3, 3)], torch.float32, torch.float32)
+    overlapping = base.as_strided((3, 3), (1, 1))  # element (i, j) at offset i + j
+    rejected(slow, [overlapping], 0.5, ValueError, r"fast\[0\] has elements that share memory")
+    rejected([overlapping], [torch.randn(3, 3)], 0.5, ValueError, r"slow\[0\] has elements")
+
+
+@pytest.mark.parametrize("case", ["1-d", "2-d", "strides that interleave"])
+def test_accepts_disjoint_interleaved_views(case):
+    base = torch.randn(40, 30)
+    if case == "1-d":
+        flat = base.flatten()
+        slow, fast = [flat[::2]], [flat[1::2]]
+    elif case == "2-d":
+        slow, fast = [base[:, ::2], base[:20, 1::2]], [base[20:, 1::2], torch.randn(40, 15)]
+        slow, fast = [slow[0][:20], slow[1]], [fast[0], fast[1][:20]]
+    else:
+        # Strides (2, 3) over sizes (3, 2): offsets {0, 2, 4, 3, 5, 7}, no two alike, though the
+        # strides do not nest; the other list fills the gaps.
+        flat = base.flatten()
+        slow, fast = [flat.as_strided((3, 2), (2, 3))], [flat.as_strided((3, 2), (2, 3), 100)]
+    slow_ref, fast_ref = expected(slow, fast, 0.3)
+    op(slow, fast, 0.3)
+    assert_bitwise(slow, slow_ref)
+    assert_bitwise(fast, fast_ref)
+
+
+def test_refuses_to_guess_about_huge_interleaved_views():
+    flat = torch.randn(2 * (1 << 22) + 2)
+    rejected([flat[::2]], [flat[1::2]], 0.5, ValueError, r"cannot verify that slow\[0\] and fast")
 
 
 # -- the eager entry point: the same op, declined where torch.ops must see the call --------------

@@ -5,12 +5,11 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cmath>
-#include <limits>
 #include <optional>
 #include <vector>
 
-#include "../op_contract.h"
+#include "../element_math.h"
+#include "../op_skeleton.h"
 #include "parallel_over.h"
 
 namespace lookahead {
@@ -18,18 +17,14 @@ namespace {
 
 template <typename T>
 bool any_nonfinite(const T* __restrict__ x, int64_t n) {
-  using opmath_t = at::opmath_type<T>;
-  constexpr auto kMax = std::numeric_limits<opmath_t>::max();
-  // NaN compares false and |inf| exceeds the largest finite value: one comparison, which the
-  // compiler vectorises (std::isfinite is a library call on some targets).
   bool bad = false;
-  for (int64_t i = 0; i < n; ++i) bad |= !(std::abs(static_cast<opmath_t>(x[i])) <= kMax);
+  for (int64_t i = 0; i < n; ++i) bad |= is_nonfinite<at::opmath_type<T>>(x[i]);
   return bad;
 }
 
 void found_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found,
                          const std::optional<at::Tensor>& due) {
-  found_nonfinite_with(tensors, found, due, [&](const std::vector<FlatTensor>& flat) {
+  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatTensor>& flat) {
     if (due && !due->item<bool>()) return;
     std::atomic<bool> bad{false};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),

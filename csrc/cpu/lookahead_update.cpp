@@ -1,17 +1,21 @@
 // CPU backend of lookahead_update_ and lookahead_update_if_: the tensor pairs that are flat arrays
 // go through one parallel region (parallel_over.h) of plain contiguous loops that the compiler
-// vectorises; any other layout goes through ATen one tensor at a time (op_contract.h).
+// vectorises; any other layout goes through ATen one tensor at a time (op_skeleton.h).
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <vector>
 
 #include "../dtype_pairs.h"
-#include "../lerp.h"
-#include "../op_contract.h"
+#include "../element_math.h"
+#include "../op_skeleton.h"
 #include "parallel_over.h"
 
 // The fused multiply-add must be an instruction, not a libm call, for the loop to stay memory-bound;
@@ -27,27 +31,22 @@ namespace lookahead {
 namespace {
 
 template <bool kFused, bool kSmall, typename S, typename F, typename opmath_t>
-C10_ALWAYS_INLINE void update_loop(S* __restrict__ slow, F* __restrict__ fast, int64_t n,
-                                   opmath_t coeff) {
-  for (int64_t i = 0; i < n; ++i) {
-    const S r = static_cast<S>(lerp<kFused, kSmall>(static_cast<opmath_t>(slow[i]),
-                                                    static_cast<opmath_t>(fast[i]), coeff));
-    slow[i] = r;
-    fast[i] = static_cast<F>(r);
-  }
+C10_ALWAYS_INLINE void sync_loop(S* __restrict__ slow, F* __restrict__ fast, int64_t n,
+                                 opmath_t coeff) {
+  for (int64_t i = 0; i < n; ++i) sync_element<kFused, kSmall, opmath_t>(slow[i], fast[i], coeff);
 }
 
 template <bool kSmall, typename S, typename F, typename opmath_t>
-LOOKAHEAD_FMA_TARGET void update_fused(S* slow, F* fast, int64_t n, opmath_t coeff) {
-  update_loop<true, kSmall>(slow, fast, n, coeff);
+LOOKAHEAD_FMA_TARGET void sync_loop_fused(S* slow, F* fast, int64_t n, opmath_t coeff) {
+  sync_loop<true, kSmall>(slow, fast, n, coeff);
 }
 
 template <bool kSmall, typename S, typename F, typename opmath_t>
-void update_unfused(S* slow, F* fast, int64_t n, opmath_t coeff) {
-  update_loop<false, kSmall>(slow, fast, n, coeff);
+void sync_loop_unfused(S* slow, F* fast, int64_t n, opmath_t coeff) {
+  sync_loop<false, kSmall>(slow, fast, n, coeff);
 }
 
-// Whether torch.lerp on this CPU rounds its multiply-add once (see lerp.h).
+// Whether torch.lerp on this CPU rounds its multiply-add once (see element_math.h).
 bool torch_lerp_is_fused() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool fused = at::get_cpu_capability() != "DEFAULT";
@@ -57,40 +56,89 @@ bool torch_lerp_is_fused() {
 #endif
 }
 
+// Where torch.lerp_ on the CPU computes an element with its scalar loop rather than its vector one.
+// TensorIterator cuts a contiguous tensor of more than GRAIN_SIZE elements into one range per
+// thread (at::parallel_for's split), and runs each range as vectors of 2 * Vectorized<T>::size()
+// elements with a scalar remainder. The two loops differ only in the sign of a zero result at
+// weight 1 (element_math.h), so this matters only then.
+class TorchLerpLoops {
+ public:
+  explicit TorchLerpLoops(size_t element_size)
+      : threads_(at::get_num_threads()),
+        step_(2 * (at::get_cpu_capability() == "AVX512" ? 64 : 32) /
+              static_cast<int64_t>(element_size)) {}
+
+  // Calls visit(begin, end, scalar) over [offset, offset + n) of a tensor of numel elements, split
+  // where torch's loops change.
+  template <typename Visit>
+  void split(int64_t numel, int64_t offset, int64_t n, const Visit& visit) const {
+    int64_t range = numel;
+    if (numel > at::internal::GRAIN_SIZE && threads_ > 1) {
+      const int64_t ranges = std::min(threads_, at::divup(numel, at::internal::GRAIN_SIZE));
+      range = at::divup(numel, ranges);
+    }
+    const int64_t stop = offset + n;
+    for (int64_t begin = offset; begin < stop;) {
+      const int64_t range_begin = begin / range * range;
+      const int64_t range_end = std::min(numel, range_begin + range);
+      const int64_t scalar_begin = range_begin + (range_end - range_begin) / step_ * step_;
+      const bool scalar = begin >= scalar_begin;
+      const int64_t end = std::min(stop, scalar ? range_end : scalar_begin);
+      visit(begin, end, scalar);
+      begin = end;
+    }
+  }
+
+ private:
+  int64_t threads_;
+  int64_t step_;
+};
+
 template <typename S, typename F>
-void update_flat(const std::vector<FlatPair>& pairs, double alpha) {
+void sync_flat(const std::vector<FlatPair>& pairs, double alpha) {
   using opmath_t = at::opmath_type<S>;
   const LerpWeight<opmath_t> weight(alpha);
   // The weight's branch and the rounding mode are uniform over the call: pick the loop once.
   using Loop = void (*)(S*, F*, int64_t, opmath_t);
   Loop loop;
   if (torch_lerp_is_fused()) {
-    loop = weight.small ? update_fused<true, S, F, opmath_t> : update_fused<false, S, F, opmath_t>;
+    loop = weight.small ? sync_loop_fused<true, S, F, opmath_t>
+                        : sync_loop_fused<false, S, F, opmath_t>;
   } else {
-    loop = weight.small ? update_unfused<true, S, F, opmath_t>
-                        : update_unfused<false, S, F, opmath_t>;
+    loop = weight.small ? sync_loop_unfused<true, S, F, opmath_t>
+                        : sync_loop_unfused<false, S, F, opmath_t>;
   }
+  const auto slow_of = [&](size_t t) { return static_cast<S*>(pairs[t].slow); };
+  const auto fast_of = [&](size_t t) { return static_cast<F*>(pairs[t].fast); };
+  if (std::signbit(weight.coeff) == std::signbit(weight.vector_coeff)) {
+    parallel_over(pairs, [&](size_t t, int64_t offset, int64_t n) {
+      loop(slow_of(t) + offset, fast_of(t) + offset, n, weight.coeff);
+    });
+    return;
+  }
+  const TorchLerpLoops torch_loops(sizeof(S));
   parallel_over(pairs, [&](size_t t, int64_t offset, int64_t n) {
-    loop(static_cast<S*>(pairs[t].slow) + offset, static_cast<F*>(pairs[t].fast) + offset, n,
-         weight.coeff);
+    torch_loops.split(pairs[t].numel, offset, n, [&](int64_t begin, int64_t end, bool scalar) {
+      loop(slow_of(t) + begin, fast_of(t) + begin, end - begin,
+           scalar ? weight.coeff : weight.vector_coeff);
+    });
   });
 }
 
-// The divergence guard's way out: the fast weights restart from the slow ones, which stay as they
-// are (rounded as fast.copy_(slow) rounds).
 template <typename S, typename F>
 void restore_flat(const std::vector<FlatPair>& pairs) {
   parallel_over(pairs, [&](size_t t, int64_t offset, int64_t n) {
     const S* __restrict__ slow = static_cast<const S*>(pairs[t].slow) + offset;
     F* __restrict__ fast = static_cast<F*>(pairs[t].fast) + offset;
-    for (int64_t i = 0; i < n; ++i) fast[i] = static_cast<F>(slow[i]);
+    for (int64_t i = 0; i < n; ++i) restore_element(slow[i], fast[i]);
   });
 }
 
 void lookahead_update_cpu(at::TensorList slow, at::TensorList fast, double alpha) {
-  lookahead_update_with(slow, fast, alpha, [&](const std::vector<FlatPair>& flat) {
-    dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
-      update_flat<typename decltype(s)::type, typename decltype(f)::type>(flat, alpha);
+  run_update(slow, fast, alpha, [&](const std::vector<FlatPair>& flat) {
+    dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto pair) {
+      using Pair = decltype(pair);
+      sync_flat<typename Pair::slow_t, typename Pair::fast_t>(flat, alpha);
     });
   });
 }
@@ -98,16 +146,15 @@ void lookahead_update_cpu(at::TensorList slow, at::TensorList fast, double alpha
 // The flags live in host memory here, so they are read before any work is started.
 void lookahead_update_if_cpu(at::TensorList slow, at::TensorList fast, double alpha,
                              const at::Tensor& due, const std::optional<at::Tensor>& restore) {
-  lookahead_update_if_with(slow, fast, alpha, due, restore, [&](const std::vector<FlatPair>& flat) {
+  run_update_if(slow, fast, alpha, due, restore, [&](const std::vector<FlatPair>& flat) {
     if (!due.item<bool>()) return;
     const bool restoring = restore && restore->item<bool>();
-    dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto s, auto f) {
-      using S = typename decltype(s)::type;
-      using F = typename decltype(f)::type;
+    dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto pair) {
+      using Pair = decltype(pair);
       if (restoring) {
-        restore_flat<S, F>(flat);
+        restore_flat<typename Pair::slow_t, typename Pair::fast_t>(flat);
       } else {
-        update_flat<S, F>(flat, alpha);
+        sync_flat<typename Pair::slow_t, typename Pair::fast_t>(flat, alpha);
       }
     });
   });
@@ -116,12 +163,6 @@ void lookahead_update_if_cpu(at::TensorList slow, at::TensorList fast, double al
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lookahead_cuda, CPU, m) {
-  m.impl("lookahead_update_", &lookahead_update_cpu);
-  m.impl("lookahead_update_if_", &lookahead_update_if_cpu);
-}
-
-// Sparse tensors dispatch here rather than to CPU; the validation rejects them with a clear message.
-TORCH_LIBRARY_IMPL(lookahead_cuda, SparseCPU, m) {
   m.impl("lookahead_update_", &lookahead_update_cpu);
   m.impl("lookahead_update_if_", &lookahead_update_if_cpu);
 }

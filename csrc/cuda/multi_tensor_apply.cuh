@@ -1,5 +1,6 @@
-// The project's own multi-tensor apply: one kernel launch visits every element of a whole list of
-// tensors (or of (slow, fast) tensor pairs, updated in place by an Op that holds only the math).
+// The project's own multi-tensor apply: one kernel launch visits every element of one or more lists
+// of tensors (slow and fast weights; momentum buffers; a list to check), calling an Op that holds
+// only the math on the elements at the same position in each list.
 //
 // Why it looks like this:
 // - The table of tensors (addresses, sizes, chunk prefix) goes BY VALUE as a kernel parameter. The
@@ -11,11 +12,12 @@
 //   parameter space caps a launch at a few hundred blocks and longer lists are split into many short
 //   launches, which "led to low sustained occupancy" (PR 119153). Here each block walks chunks in a
 //   grid-stride loop and finds a chunk's tensor by binary search over a per-tensor prefix of chunk
-//   counts. The table then costs 28 bytes per tensor pair and none per block: in the 32 KB parameter
-//   space of CUDA 12.1+ one launch covers 1167 pairs (143 in 4 KB), every parameter of GPT-2 or of
-//   a 7B transformer, and the grid is sized to fill the GPU once.
-// - 16-byte vector accesses for the aligned bulk of each chunk and a scalar loop for its tail: a
-//   tensor whose size is not a multiple of the vector width loses speed on a few elements only.
+//   counts. The table then costs 28 bytes per tensor pair (8 more per extra list) and none per
+//   block: in the 32 KB parameter space of CUDA 12.1+ one launch covers 1167 pairs (143 in 4 KB),
+//   every parameter of GPT-2 or of a 7B transformer, and the grid is sized to fill the GPU once.
+// - 16-byte vector accesses for the bulk of each chunk, a scalar loop for its tail, and a scalar
+//   head for tensors that start off a vector boundary (a view such as flat[1:] into a packed buffer)
+//   when every list starts the same number of elements off it: only a few elements lose speed.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -29,9 +31,8 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
-
-#include "../op_contract.h"
 
 namespace lookahead {
 namespace mta {
@@ -73,23 +74,117 @@ struct TensorTable {
   int32_t count;
   int32_t total_chunks;
 };
-static_assert(sizeof(TensorTable<1>) + kReservedParamBytes <= kParamBytes &&
-                  sizeof(TensorTable<2>) + kReservedParamBytes <= kParamBytes,
-              "TensorTable no longer fits the kernel parameter space");
+
+// What an Op provides besides operator()(T&... elements), the math on one element of each list.
+struct ElementwiseOp {
+  // Whether the kernel stores the elements back (false: the lists are only read).
+  static constexpr bool kWrites = true;
+  // Runs once per thread before any element is touched: reads whatever the Op takes from device
+  // memory (a flag decided by earlier kernels) and returns false when there is nothing to do, so a
+  // gated launch costs one read per thread instead of a pass over memory. Must be uniform over the
+  // grid: whole blocks leave.
+  __device__ __forceinline__ bool prepare() { return true; }
+  // Runs once per thread after the last chunk, reached by every thread of a block that prepared.
+  __device__ __forceinline__ void finish() {}
+};
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T val[N];
 };
 
-template <typename S, typename F>
+// Elements per vector access: 16 bytes of the widest element type.
+template <typename... T>
 constexpr int vector_width() {
-  return 16 / static_cast<int>(sizeof(S) > sizeof(F) ? sizeof(S) : sizeof(F));
+  return 16 / static_cast<int>(std::max({sizeof(T)...}));
 }
 
-template <typename T>
-__device__ __forceinline__ bool is_aligned(const T* p, int bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+// One vector of each list, loaded, updated element by element, and stored together.
+template <int kWidth, typename... T>
+struct Vectors;
+
+template <int kWidth>
+struct Vectors<kWidth> {
+  __device__ __forceinline__ void load(int) {}
+  __device__ __forceinline__ void store(int) const {}
+  template <typename Op, typename... E>
+  __device__ __forceinline__ void apply(Op& op, int, E&... elements) {
+    op(elements...);
+  }
+};
+
+template <int kWidth, typename T, typename... Rest>
+struct Vectors<kWidth, T, Rest...> {
+  Vec<T, kWidth> head;
+  Vectors<kWidth, Rest...> rest;
+
+  __device__ __forceinline__ void load(int v, const T* data, const Rest*... others) {
+    head = reinterpret_cast<const Vec<T, kWidth>*>(data)[v];
+    rest.load(v, others...);
+  }
+  __device__ __forceinline__ void store(int v, T* data, Rest*... others) const {
+    reinterpret_cast<Vec<T, kWidth>*>(data)[v] = head;
+    rest.store(v, others...);
+  }
+  template <typename Op, typename... E>
+  __device__ __forceinline__ void apply(Op& op, int j, E&... elements) {
+    rest.apply(op, j, elements..., head.val[j]);
+  }
+};
+
+// Elements from p to its next kWidth-element boundary.
+template <int kWidth, typename T>
+__device__ __forceinline__ int elements_off_boundary(const T* p) {
+  const auto index = static_cast<int>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % kWidth);
+  return (kWidth - index) % kWidth;
+}
+
+// The scalar head before every list is on a vector boundary; -1 if the lists are not equally far
+// from theirs (then no element can move in vectors), or not even element-aligned.
+template <int kWidth, typename T, typename... Rest>
+__device__ __forceinline__ int common_head(const T* first, const Rest*... rest) {
+  const bool element_aligned = ((reinterpret_cast<uintptr_t>(first) % sizeof(T) == 0) && ... &&
+                                (reinterpret_cast<uintptr_t>(rest) % sizeof(Rest) == 0));
+  const int head = elements_off_boundary<kWidth>(first);
+  const bool same = ((elements_off_boundary<kWidth>(rest) == head) && ...);
+  return element_aligned && same ? head : -1;
+}
+
+// n elements (n <= kChunkSize) of one chunk of each list; offsets within a chunk fit in int. A
+// chunk starts kChunkSize elements (a multiple of kWidth) after the previous one, so the head is
+// the same for every chunk of a tensor and the branches below are uniform over the block.
+template <typename Op, typename... T>
+__device__ __forceinline__ void apply_chunk(Op& op, int n, T* __restrict__... data) {
+  constexpr int kWidth = vector_width<T...>();
+  int scalar_begin = 0;
+  const int head = common_head<kWidth>(data...);
+  if (head >= 0 && head < n) {
+    for (int i = threadIdx.x; i < head; i += kBlockSize) op(data[i]...);
+    const int vectors = (n - head) / kWidth;
+    for (int base = threadIdx.x; base < vectors; base += kBlockSize * kVectorsInFlight) {
+      Vectors<kWidth, T...> v[kVectorsInFlight];
+      // A load past the end re-reads this thread's first vector instead of being skipped: with
+      // unconditional loads all of them issue before the first is used, where predicated ones made
+      // the compiler unpack each vector as it landed (stalling the loads behind it; 96 registers
+      // instead of 46 for bfloat16). Its own vector, so no other thread's store is raced.
+#pragma unroll
+      for (int k = 0; k < kVectorsInFlight; ++k) {
+        const int index = base + k * kBlockSize < vectors ? base + k * kBlockSize : base;
+        v[k].load(index, (data + head)...);
+      }
+#pragma unroll
+      for (int k = 0; k < kVectorsInFlight; ++k) {
+        const int index = base + k * kBlockSize;
+        if (index < vectors) {
+#pragma unroll
+          for (int j = 0; j < kWidth; ++j) v[k].apply(op, j);
+          if constexpr (Op::kWrites) v[k].store(index, (data + head)...);
+        }
+      }
+    }
+    scalar_begin = head + vectors * kWidth;
+  }
+  for (int i = scalar_begin + threadIdx.x; i < n; i += kBlockSize) op(data[i]...);
 }
 
 // The last tensor in [lo, count) whose first chunk is <= c. Every thread of the block searches the
@@ -108,80 +203,30 @@ __device__ __forceinline__ int find_tensor(const TensorTable<kLists>& table, int
   return lo;
 }
 
-// n elements (n <= kChunkSize) of one chunk; offsets within a chunk fit in int.
-template <typename S, typename F, typename Op>
-__device__ __forceinline__ void apply_chunk(S* __restrict__ slow, F* __restrict__ fast, int n,
-                                            const Op& op) {
-  constexpr int kWidth = vector_width<S, F>();
-  using SVec = Vec<S, kWidth>;
-  using FVec = Vec<F, kWidth>;
-  int scalar_begin = 0;
-  // The chunk start keeps the tensor's alignment (kChunkSize is a multiple of kWidth), so this test
-  // is uniform over the block and a misaligned view simply takes the scalar loop.
-  if (is_aligned(slow, sizeof(SVec)) && is_aligned(fast, sizeof(FVec))) {
-    const int vectors = n / kWidth;
-    auto* slow_vec = reinterpret_cast<SVec*>(slow);
-    auto* fast_vec = reinterpret_cast<FVec*>(fast);
-    for (int base = threadIdx.x; base < vectors; base += kBlockSize * kVectorsInFlight) {
-      SVec s[kVectorsInFlight];
-      FVec f[kVectorsInFlight];
-      // A load past the end re-reads this thread's first vector instead of being skipped: with
-      // unconditional loads all of them issue before the first is used, where predicated ones made
-      // the compiler unpack each vector as it landed (stalling the loads behind it; 96 registers
-      // instead of 46 for bfloat16). Its own vector, so no other thread's store is raced.
-#pragma unroll
-      for (int k = 0; k < kVectorsInFlight; ++k) {
-        const int v = base + k * kBlockSize < vectors ? base + k * kBlockSize : base;
-        s[k] = slow_vec[v];
-        f[k] = fast_vec[v];
-      }
-#pragma unroll
-      for (int k = 0; k < kVectorsInFlight; ++k) {
-        const int v = base + k * kBlockSize;
-        if (v < vectors) {
-#pragma unroll
-          for (int j = 0; j < kWidth; ++j) op(s[k].val[j], f[k].val[j]);
-          slow_vec[v] = s[k];
-          fast_vec[v] = f[k];
-        }
-      }
-    }
-    scalar_begin = vectors * kWidth;
-  }
-  for (int i = scalar_begin + threadIdx.x; i < n; i += kBlockSize) {
-    S s = slow[i];
-    F f = fast[i];
-    op(s, f);
-    slow[i] = s;
-    fast[i] = f;
-  }
+template <typename Op, typename... T, size_t... L>
+__device__ __forceinline__ void apply_table_chunk(Op& op, const TensorTable<sizeof...(T)>& table,
+                                                  int t, int64_t begin, int n,
+                                                  std::index_sequence<L...>) {
+  apply_chunk(op, n, (static_cast<T*>(table.data[L][t]) + begin)...);
 }
 
-// Calls visit(t, begin, n) for each chunk of the table that this block owns: n elements (at most
-// kChunkSize) of tensor t starting at element begin.
-template <int kLists, typename Visit>
-__device__ __forceinline__ void for_each_chunk(const TensorTable<kLists>& table, const Visit& visit) {
+// Each block walks its chunks in a grid-stride loop: n elements (at most kChunkSize) of tensor t
+// starting at element begin.
+template <typename Op, typename... T>
+__global__ void __launch_bounds__(kBlockSize)
+    elementwise_kernel(const LOOKAHEAD_GRID_CONSTANT TensorTable<sizeof...(T)> table, const Op op) {
+  Op prepared = op;
+  if (!prepared.prepare()) return;
   int t = 0;  // chunks only grow along the loop, so each search starts from the last tensor found
   for (int c = blockIdx.x; c < table.total_chunks; c += gridDim.x) {
     t = find_tensor(table, c, t);
     const int64_t begin = static_cast<int64_t>(c - table.first_chunk[t]) * kChunkSize;
     const int64_t left = table.numel[t] - begin;
-    visit(t, begin, left < kChunkSize ? static_cast<int>(left) : kChunkSize);
+    apply_table_chunk<Op, T...>(prepared, table, t, begin,
+                                left < kChunkSize ? static_cast<int>(left) : kChunkSize,
+                                std::index_sequence_for<T...>{});
   }
-}
-
-// Op::prepare() runs once per thread before any element is touched: it reads whatever the Op takes
-// from device memory (a flag decided by earlier kernels) and returns false when there is nothing
-// to do, so a gated launch costs one read per thread instead of a pass over memory.
-template <typename S, typename F, typename Op>
-__global__ void __launch_bounds__(kBlockSize)
-    pairwise_kernel(const LOOKAHEAD_GRID_CONSTANT TensorTable<2> table, const Op op) {
-  Op prepared = op;
-  if (!prepared.prepare()) return;
-  for_each_chunk(table, [&](int t, int64_t begin, int n) {
-    apply_chunk(static_cast<S*>(table.data[0][t]) + begin,
-                static_cast<F*>(table.data[1][t]) + begin, n, prepared);
-  });
+  prepared.finish();
 }
 
 // Blocks of kKernel that fit on the device at once: the grid that keeps it full without a second
@@ -238,7 +283,7 @@ void for_each_table(const std::vector<Item>& items, const Addresses& addresses,
       table.count = 0;
       table.total_chunks = 0;
     }
-    const auto pointers = addresses(item);
+    const std::array<void*, kLists> pointers = addresses(item);
     for (int l = 0; l < kLists; ++l) table.data[l][table.count] = pointers[l];
     table.numel[table.count] = item.numel;
     table.first_chunk[table.count] = table.total_chunks;
@@ -248,24 +293,24 @@ void for_each_table(const std::vector<Item>& items, const Addresses& addresses,
   if (table.count > 0) launch(table);
 }
 
-// Applies op(slow_element, fast_element) to every element of every pair, on `stream`, in
-// ceil(pairs / TensorTable<2>::kCapacity) launches. Pairs must be non-empty. Nothing is allocated or
-// copied to the device, so the call can be captured in a CUDA graph.
-template <typename S, typename F, typename Op>
-void apply_pairwise(const std::vector<FlatPair>& pairs, const Op& op, cudaStream_t stream,
-                    int device) {
-  constexpr size_t kOpOffset =
-      (sizeof(TensorTable<2>) + alignof(Op) - 1) / alignof(Op) * alignof(Op);
-  static_assert(kOpOffset + sizeof(Op) <= kParamBytes,
+// Calls op(list0[i], list1[i], ...) for every element of every item (elements of types T...), on
+// `stream`, in as few launches as the tables allow. Items must be non-empty. Nothing is allocated
+// or copied to the device, so the call can be captured in a CUDA graph.
+template <typename... T, typename Op, typename Item, typename Addresses>
+void apply(const std::vector<Item>& items, const Addresses& addresses, const Op& op,
+           cudaStream_t stream, int device) {
+  constexpr int kLists = sizeof...(T);
+  using Table = TensorTable<kLists>;
+  constexpr size_t kOpOffset = (sizeof(Table) + alignof(Op) - 1) / alignof(Op) * alignof(Op);
+  static_assert(sizeof(Table) + kReservedParamBytes <= kParamBytes &&
+                    kOpOffset + sizeof(Op) <= kParamBytes,
                 "the table and the Op together exceed the kernel parameter space");
-  const int max_grid = resident_blocks<pairwise_kernel<S, F, Op>>(device);
-  for_each_table<2>(
-      pairs, [](const FlatPair& pair) { return std::array<void*, 2>{pair.slow, pair.fast}; },
-      [&](const TensorTable<2>& table) {
-        const int grid = std::min(table.total_chunks, max_grid);
-        pairwise_kernel<S, F><<<grid, kBlockSize, 0, stream>>>(table, op);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  const int max_grid = resident_blocks<elementwise_kernel<Op, T...>>(device);
+  for_each_table<kLists>(items, addresses, [&](const Table& table) {
+    const int grid = std::min(table.total_chunks, max_grid);
+    elementwise_kernel<Op, T...><<<grid, kBlockSize, 0, stream>>>(table, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace mta

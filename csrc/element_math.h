@@ -1,0 +1,83 @@
+// The per-element arithmetic of the ops, written once for the CPU and CUDA kernels: one element
+// of a sync, of a restore, and the non-finite test.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <limits>
+
+namespace lookahead {
+
+// torch.lerp (ATen/native/Lerp.h) picks one of two forms by the weight, so that weight 1 returns the
+// end point exactly:  |w| < 0.5 ? start + w * (end - start) : end - (end - start) * (1 - w).
+// Both are a multiply-add coeff * (end - start) + base, with base = start for a small weight and
+// base = end for a large one. ATen's vectorised CPU kernels and its CUDA kernels round that
+// multiply-add once (FMA); its non-vectorised CPU build (capability DEFAULT) rounds the product
+// first. kFused selects which one we reproduce, so results stay bitwise equal to torch on every
+// path.
+template <bool kFused, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T multiply_add(T a, T b, T c) {
+  if constexpr (kFused) {
+#if defined(__CUDA_ARCH__)
+    return fma(a, b, c);
+#else
+    return std::fma(a, b, c);
+#endif
+  } else {
+    return a * b + c;
+  }
+}
+
+// The weight-dependent half of the lerp, decided once per call on the host.
+template <typename opmath_t>
+struct LerpWeight {
+  bool small;
+  // torch's scalar form (its CUDA kernel, and the tails of its CPU loops): w, or -(1 - w).
+  opmath_t coeff;
+  // torch's vectorised CPU loops write the large form as (w - 1) * (end - start) + end. That is
+  // coeff to the bit, except at w == 1: w - 1 is +0 where -(1 - w) is -0, which flips the sign of
+  // a zero result (0 * diff + end with end = -0). cpu/lookahead_update.cpp says where each is used.
+  opmath_t vector_coeff;
+
+  explicit LerpWeight(double alpha) {
+    // torch converts a Python-float weight to the op's math type before it compares with 0.5.
+    const auto w = static_cast<opmath_t>(alpha);
+    small = std::abs(w) < opmath_t(0.5);
+    coeff = small ? w : -(opmath_t(1) - w);  // 1 - w is exact for w in [0.5, 1]
+    vector_coeff = small ? w : w - opmath_t(1);
+  }
+};
+
+// One element of a sync: slow <- lerp(slow, fast, w) in opmath_t, rounded to S; fast <- slow,
+// rounded from S to F (as slow.lerp_(fast, w); fast.copy_(slow) round them).
+template <bool kFused, bool kSmall, typename opmath_t, typename S, typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void sync_element(S& slow, F& fast, opmath_t coeff) {
+  const auto start = static_cast<opmath_t>(slow);
+  const auto end = static_cast<opmath_t>(fast);
+  const S result = static_cast<S>(multiply_add<kFused>(coeff, end - start, kSmall ? start : end));
+  slow = result;
+  fast = static_cast<F>(result);
+}
+
+// The divergence guard's way out: the fast weight restarts from the slow one, which stays as it is
+// (rounded as fast.copy_(slow) rounds).
+template <typename S, typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void restore_element(const S& slow, F& fast) {
+  fast = static_cast<F>(slow);
+}
+
+// NaN compares false and |inf| exceeds the largest finite value: one comparison, which the CPU
+// compiler vectorises (std::isfinite is a library call on some targets).
+template <typename opmath_t, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool is_nonfinite(T x) {
+  const auto value = static_cast<opmath_t>(x);
+#if defined(__CUDA_ARCH__)
+  const opmath_t magnitude = fabs(value);
+#else
+  const opmath_t magnitude = std::abs(value);
+#endif
+  return !(magnitude <= std::numeric_limits<opmath_t>::max());
+}
+
+}  // namespace lookahead
