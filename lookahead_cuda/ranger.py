@@ -10,6 +10,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from lookahead_cuda.optimizer import Lookahead
+from lookahead_cuda.settings import GroupSetting
 
 # Per param group, beside RAdam's hyperparameters, so it can differ per group and travels with
 # state_dict() like `amsgrad` or `maximize` do in torch.optim.
@@ -75,7 +76,8 @@ class Ranger(Lookahead):
         slow_device: str | torch.device | None = None,
     ) -> None:
         _check_use_gc(use_gc, "Ranger()")
-        # Read by add_param_group, which Lookahead.__init__ calls for every group it adopts.
+        # Read by add_param_group, which Lookahead.__init__ calls for every group it adopts, before
+        # it can be in opt.defaults.
         self._use_gc = use_gc
         # RAdam validates lr, betas and weight_decay with torch.optim's own messages.
         radam = torch.optim.RAdam(
@@ -91,29 +93,22 @@ class Ranger(Lookahead):
             capturable=capturable,
             slow_device=slow_device,
         )
+        self.defaults[USE_GC] = use_gc
 
     def __repr__(self) -> str:
-        return f"Ranger(use_gc={self._use_gc}, " + super().__repr__().removeprefix("Lookahead(")
+        use_gc = self.defaults[USE_GC]
+        return f"Ranger(use_gc={use_gc}, " + super().__repr__().removeprefix("Lookahead(")
 
-    @property
-    def use_gc(self) -> bool:
-        """Whether gradients are centralized, for all param groups."""
-        return self._common_setting(USE_GC)
-
-    @use_gc.setter
-    def use_gc(self, value: bool) -> None:
-        _check_use_gc(value, "Ranger.use_gc")
-        self._use_gc = value
-        for group in self.param_groups:
-            group[USE_GC] = value
+    use_gc = GroupSetting(USE_GC, "Whether gradients are centralized.", check=_check_use_gc)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; ``use_gc`` and the Lookahead settings it does not name default to
         the constructor's."""
+        default = self.defaults.get(USE_GC, self._use_gc)
         if isinstance(param_group, dict):
-            _check_use_gc(param_group.get(USE_GC, self._use_gc), "the new param group")
+            _check_use_gc(param_group.get(USE_GC, default), "the new param group")
         super().add_param_group(param_group)
-        param_group.setdefault(USE_GC, self._use_gc)
+        param_group.setdefault(USE_GC, default)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, from a :class:`Lookahead`, or from a bare

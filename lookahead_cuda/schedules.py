@@ -12,7 +12,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from lookahead_cuda.optimizer import ALPHA, K, Lookahead, _check_settings
+from lookahead_cuda.optimizer import Lookahead
+from lookahead_cuda.settings import ALPHA, K, check_settings
 
 T = TypeVar("T")
 
@@ -79,9 +80,10 @@ class LookaheadScheduler:
                 f"ks for {len(groups)} param groups"
             )
         for index, (group, alpha, k) in enumerate(zip(groups, alphas, ks)):
-            _check_settings(
+            check_settings(
                 {**group, ALPHA: alpha, K: k},
                 f"{type(self).__name__} at epoch {epoch}, param group {index}",
+                self.optimizer.optimizer,
             )
         for group, alpha, k in zip(groups, alphas, ks):
             group[ALPHA] = alpha

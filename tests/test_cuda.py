@@ -78,7 +78,9 @@ def test_one_tensor_over_two_billion_elements():
 
 def test_cuda_graph_capture_and_replay():
     slow, fast = random_lists([1000, 70000, 3], torch.float32, torch.float32)
-    op(slow, fast, 0.5)  # first call outside capture: the occupancy query runs here
+    # Warm up exactly what is captured (the kernel variant depends on the alpha branch): its
+    # occupancy query runs here, outside the capture.
+    op(slow, fast, 0.4)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
@@ -139,10 +141,20 @@ def test_lookahead_end_to_end_on_cuda(inner_state):
 
 
 @pytest.mark.parametrize("inner_state", ["keep", "pullback"])
-def test_slow_weights_follow_the_model_to_the_gpu(inner_state):
+@pytest.mark.parametrize("nonfinite", ["propagate", "restore"])
+def test_slow_weights_follow_the_model_to_the_gpu(inner_state, nonfinite, monkeypatch):
+    from lookahead_cuda import functional
+
+    def offloaded(*args):
+        raise AssertionError("a model that moved took the host-memory path")
+
+    monkeypatch.setattr(functional, "offloaded_update_", offloaded)
     model = make_model()
     opt = Lookahead(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2, inner_state=inner_state
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        k=2,
+        inner_state=inner_state,
+        nonfinite=nonfinite,
     )
     train(model, opt, batches(3))
     model.cuda()

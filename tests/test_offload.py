@@ -7,8 +7,8 @@ import torch
 from conftest import DTYPE_PAIRS, reference_update_
 from test_lookahead import assert_same_weights, batches, make_model, train
 
-from lookahead_cuda import Lookahead
-from lookahead_cuda.offload import _chunks, offloaded_update_
+from lookahead_cuda import Lookahead, functional
+from lookahead_cuda.offload import StagingBuffers, _chunks, offloaded_update_
 
 SIZES = [5000, 3, 70001, 1, 0, 4096, 12345]
 
@@ -81,3 +81,16 @@ def test_slow_device_is_validated():
         Lookahead(torch.optim.SGD(params, lr=0.1), slow_device="meta")
     with pytest.raises(ValueError, match=r"slow_device='cpu'.*capturable"):
         Lookahead(torch.optim.SGD(params, lr=0.1), slow_device="cpu", capturable=True)
+
+
+def test_the_host_memory_path_is_taken_by_setting_alone(monkeypatch):
+    # Slow and fast weights on different devices are a model that moved, not a request to keep
+    # slow weights in host memory: the op rejects them (and the optimizer follows the model).
+    calls = []
+    monkeypatch.setattr(functional, "offloaded_update_", lambda *args: calls.append(args))
+    buckets = functional.bucket_pairs([(torch.randn(4), torch.empty(4, device="meta"))])
+    with pytest.raises(ValueError, match="all tensors of a call must be on one device"):
+        functional.sync_buckets(buckets, 0.5)
+    assert not calls
+    functional.sync_buckets(buckets, 0.5, offload=StagingBuffers())
+    assert len(calls) == 1

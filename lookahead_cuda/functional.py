@@ -1,0 +1,253 @@
+"""Lookahead's sync as functions over (slow, fast) tensor pairs: the functional core the
+:class:`~lookahead_cuda.Lookahead` optimizer calls, public for anyone composing an optimizer of
+their own, as ``torch.optim.adamw.adamw`` is for AdamW.
+
+A sync sorts the pairs into buckets of one (device, slow dtype, fast dtype) once
+(:func:`bucket_pairs`), then makes one fused call per bucket (:func:`sync_buckets`), choosing the
+implementation from its arguments, never from where the tensors happen to be:
+
+* ``lookahead_update_``: the host knows the sync is due (the default);
+* ``lookahead_update_if_``: the sync is decided by flags on the device (``due``, ``restore``), as
+  CUDA graphs and compiled steps need;
+* ``offloaded_update_``: the slow weights live in host memory (``offload``), the fast ones on an
+  accelerator; the fast weights travel to the host in chunks.
+
+Devices without a kernel of ours run ATen one tensor at a time, inside the op. FSDP2's DTensors
+are synced through their local shards: a slow copy made from its parameter has the same
+placements, so the shards pair up element by element and nothing is gathered. Example::
+
+    >>> from lookahead_cuda.functional import lookahead_sync
+    >>> slow, fast = [torch.zeros(3)], [torch.ones(3)]
+    >>> lookahead_sync(slow, fast, alpha=0.5)
+    >>> slow[0]
+    tensor([0.5000, 0.5000, 0.5000])
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lookahead_cuda import _C
+from lookahead_cuda.offload import StagingBuffers, offloaded_update_
+from lookahead_cuda.ops import found_nonfinite_, lookahead_update_, lookahead_update_if_
+
+__all__ = [
+    "Bucket",
+    "BucketKey",
+    "bucket_pairs",
+    "check_buckets",
+    "lookahead_sync",
+    "merge_buckets",
+    "nonfinite_flag",
+    "sync_buckets",
+]
+
+#: (device, slow dtype, fast dtype) of a bucket's local tensors.
+BucketKey = tuple[torch.device, torch.dtype, torch.dtype]
+
+
+@dataclass
+class Bucket:
+    """Pairs of one (device, slow dtype, fast dtype), as the local tensors the op updates.
+
+    ``names`` optionally says, for error messages, what each fast tensor is ("parameter 3 of
+    param group 0"); a bucket without names is reported by list index.
+    """
+
+    slow: list[torch.Tensor] = field(default_factory=list)
+    fast: list[torch.Tensor] = field(default_factory=list)
+    names: list[str] | None = None
+
+    def add(self, slow: torch.Tensor, fast: torch.Tensor, name: str | None = None) -> None:
+        self.slow.append(slow)
+        self.fast.append(fast)
+        if name is not None:
+            if self.names is None:
+                self.names = []
+            self.names.append(name)
+
+
+Buckets = dict[BucketKey, Bucket]
+
+
+def _sharded_types() -> tuple[type, ...]:
+    # A DTensor exists only once its module is loaded, and importing it here would cost every user
+    # the import of torch.distributed (most of a second).
+    module = sys.modules.get("torch.distributed.tensor")
+    return (module.DTensor,) if module is not None else ()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` that this process holds: a DTensor's local shard, else itself."""
+    if isinstance(tensor, _sharded_types()):
+        return tensor._local_tensor  # type: ignore[attr-defined]
+    return tensor
+
+
+def mesh_group(tensors: Iterable[torch.Tensor]) -> Any:
+    """The process group of the first DTensor among ``tensors``, or None."""
+    sharded = _sharded_types()
+    for t in tensors:
+        if isinstance(t, sharded):
+            return t.device_mesh.get_group()  # type: ignore[attr-defined]
+    return None
+
+
+def bucket_pairs(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], names: Iterable[str] | None = None
+) -> Buckets:
+    """The pairs ``(slow, fast)`` sorted into buckets keyed by (device of fast, slow dtype, fast
+    dtype), in order, each tensor replaced by its local shard; ``names`` name the fast tensors."""
+    buckets: Buckets = {}
+    named = iter(names) if names is not None else None
+    for slow, fast in pairs:
+        slow, fast = local(slow), local(fast)
+        key = (fast.device, slow.dtype, fast.dtype)
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = Bucket()
+        bucket.add(slow, fast, None if named is None else next(named))
+    return buckets
+
+
+def merge_buckets(many: Iterable[Buckets]) -> Buckets:
+    """Buckets of the same key joined, so that they sync in one call."""
+    merged: Buckets = {}
+    for buckets in many:
+        for key, bucket in buckets.items():
+            into = merged.get(key)
+            if into is None:
+                into = merged[key] = Bucket(names=[] if bucket.names is not None else None)
+            into.slow.extend(bucket.slow)
+            into.fast.extend(bucket.fast)
+            if into.names is not None:
+                into.names.extend(bucket.names or [f"fast[{i}]" for i in range(len(bucket.fast))])
+    return merged
+
+
+def check_buckets(buckets: Buckets, alpha: float, *, offload: bool = False) -> None:
+    """Raise the error that syncing ``buckets`` would raise, before anything is written: so that a
+    sync over several buckets either runs them all or changes nothing. The error names tensors by
+    the buckets' ``names`` where they have them. ``offload``: the slow tensors are in host memory
+    and the fast ones on another device, so each pair is checked as the host will see it."""
+    for bucket in buckets.values():
+        if offload:
+            _check_offloaded(bucket)
+        else:
+            _C.check_lookahead_update(bucket.slow, bucket.fast, float(alpha), bucket.names or [])
+
+
+def _check_offloaded(bucket: Bucket) -> None:
+    for i, (slow, fast) in enumerate(zip(bucket.slow, bucket.fast)):
+        name = bucket.names[i] if bucket.names else f"fast[{i}]"
+        if slow.shape != fast.shape:
+            raise ValueError(
+                f"offloaded_update_: the slow copy of {name} has shape {tuple(slow.shape)} but "
+                f"{name} has shape {tuple(fast.shape)}"
+            )
+        if slow.device.type != "cpu" or fast.device != bucket.fast[0].device:
+            raise ValueError(
+                f"offloaded_update_: {name} is on {fast.device} with its slow copy on "
+                f"{slow.device}; offloaded slow copies live in host memory, the fast tensors of a "
+                "call on one device"
+            )
+
+
+def _on(device: torch.device, flag: torch.Tensor | None) -> torch.Tensor | None:
+    return None if flag is None else flag.to(device)
+
+
+def sync_buckets(
+    buckets: Buckets,
+    alpha: float,
+    *,
+    due: torch.Tensor | None = None,
+    restore: torch.Tensor | None = None,
+    offload: StagingBuffers | None = None,
+) -> None:
+    """The sync of every bucket, one fused call each.
+
+    Args:
+        buckets: from :func:`bucket_pairs` (or :func:`merge_buckets`).
+        alpha: the slow-weights step size, in (0, 1].
+        due: ``None`` (the sync is due) or a one-element ``torch.bool`` tensor that decides it on
+            the device.
+        restore: ``None`` (never restore) or a one-element ``torch.bool`` tensor: where it holds
+            True, the fast weights restart from the slow ones, which stay as they are (the
+            divergence guard).
+        offload: the staging buffers of slow weights kept in host memory (their fast weights on
+            another device); ``None`` when every slow copy lives beside its fast tensor.
+
+    A call that fails validation raises ``ValueError``/``TypeError`` and changes its bucket in no
+    way; use :func:`check_buckets` first to keep earlier buckets unchanged too.
+    """
+    for (device, _, _), bucket in buckets.items():
+        if not bucket.fast:
+            continue
+        if offload is not None:
+            offloaded_update_(bucket.slow, bucket.fast, alpha, due, restore, offload)
+        elif due is None and restore is None:
+            lookahead_update_(bucket.slow, bucket.fast, alpha)
+        else:
+            gate = torch.ones((), dtype=torch.bool, device=device) if due is None else due
+            lookahead_update_if_(
+                bucket.slow, bucket.fast, alpha, gate.to(device), _on(device, restore)
+            )
+
+
+def nonfinite_flag(
+    buckets: Buckets,
+    device: torch.device,
+    due: torch.Tensor | None = None,
+    agree_over: Any = None,
+) -> torch.Tensor:
+    """A one-element ``torch.bool`` tensor on ``device``: whether any fast tensor of ``buckets``
+    holds a NaN or an infinity. Decided on the device; with ``due``, nothing is read unless it
+    holds True. With ``agree_over``, a process group (of the DTensors' mesh: see
+    :func:`mesh_group`), the processes agree (one 1-byte all-reduce), so that none restores its
+    shards alone."""
+    found = torch.zeros((), dtype=torch.bool, device=device)
+    for (bucket_device, _, _), bucket in buckets.items():
+        if not bucket.fast:
+            continue
+        gate = _on(bucket_device, due)
+        if bucket_device == device:
+            found_nonfinite_(bucket.fast, found, gate)
+        else:
+            here = torch.zeros((), dtype=torch.bool, device=bucket_device)
+            found_nonfinite_(bucket.fast, here, gate)
+            found |= here.to(device)
+    if agree_over is not None:
+        agreed = found.to(torch.uint8)
+        torch.distributed.all_reduce(agreed, torch.distributed.ReduceOp.MAX, group=agree_over)
+        found = agreed.bool()
+    return found
+
+
+def lookahead_sync(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    alpha: float,
+    *,
+    due: torch.Tensor | None = None,
+    restore: torch.Tensor | None = None,
+    offload: StagingBuffers | None = None,
+) -> None:
+    """Lookahead's sync of the pairs ``(slow[i], fast[i])``, of any devices and dtype pairs:
+    ``slow <- slow + alpha * (fast - slow); fast <- slow``, one fused call per (device, dtype pair).
+    The keyword arguments are those of :func:`sync_buckets`. All buckets are validated before the
+    first one is synced, so a rejected call changes nothing."""
+    if len(slow) != len(fast):
+        raise ValueError(
+            f"lookahead_sync: slow has {len(slow)} tensors but fast has {len(fast)}; the lists "
+            "pair up element by element"
+        )
+    buckets = bucket_pairs(zip(slow, fast))
+    if (len(buckets) > 1 or offload is not None) and not torch.compiler.is_compiling():
+        check_buckets(buckets, alpha, offload=offload is not None)
+    sync_buckets(buckets, alpha, due=due, restore=restore, offload=offload)

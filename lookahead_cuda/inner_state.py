@@ -1,0 +1,57 @@
+"""What a sync does to the inner optimizer's per-parameter state (``inner_state``): ``"reset"``
+restarts it, ``"pullback"`` interpolates its first moments toward their own slow copies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from lookahead_cuda.settings import FIRST_MOMENT_BUFFERS
+
+
+class InitialInnerState:
+    """The state some optimizers create for every parameter at construction (Adagrad's ``sum`` and
+    ``step``, before torch 2.13) rather than at their first step: a reset must recreate it, since
+    the inner optimizer will not. Constant tensors (Adagrad's ``sum`` starts at
+    ``initial_accumulator_value``) are kept as their value, anything else as a copy.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._entries: dict[torch.Tensor, dict[str, Any]] = {}
+        with torch.no_grad():
+            for param, entry in optimizer.state.items():
+                if entry:
+                    self._entries[param] = {name: _compact(v) for name, v in entry.items()}
+
+    def reset(self, state: dict[torch.Tensor, Any], params: Iterable[torch.Tensor]) -> None:
+        """Restart the inner state of ``params``: as the optimizer created it, or none."""
+        for param in params:
+            state.pop(param, None)
+            initial = self._entries.get(param)
+            if initial is not None:
+                state[param] = {name: _expand(v) for name, v in initial.items()}
+
+
+def _compact(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.numel() > 1 and bool((value == value.reshape(-1)[0]).all()):
+        return ("filled", value.shape, value.dtype, value.device, value.reshape(-1)[0].item())
+    return value.detach().clone()
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, tuple) and value and value[0] == "filled":
+        _, shape, dtype, device, fill = value
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def first_moments(entry: Mapping[str, Any]) -> Iterable[tuple[str, torch.Tensor]]:
+    """The first-moment buffers of one parameter's inner state that ``"pullback"`` interpolates."""
+    for name in FIRST_MOMENT_BUFFERS:
+        buffer = entry.get(name)
+        if isinstance(buffer, torch.Tensor):
+            yield name, buffer
