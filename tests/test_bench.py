@@ -1,11 +1,23 @@
-"""The lookahead-bench command line: argument errors, a tiny run, its JSON."""
+"""The lookahead-bench package: argument errors and the config they resolve to, the workloads'
+traffic and placement, the floor timed with each workload, the spread statistic, the check against
+torch, and tiny runs of both benchmarks with their tables and JSON."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
+from lookahead_cuda.bench import sync
 from lookahead_cuda.bench.cli import main, parse_args
-from lookahead_cuda.bench.presets import PRESETS
+from lookahead_cuda.bench.config import BenchConfig
+from lookahead_cuda.bench.floor import CACHE_LINE, FloorCopy, floor_buffers, floor_copy
+from lookahead_cuda.bench.impls import IMPLEMENTATIONS, Implementation
+from lookahead_cuda.bench.presets import PRESETS, custom_preset
+from lookahead_cuda.bench.timing import Timing, iqr_over_median
+from lookahead_cuda.bench.workload import Workload
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize(
@@ -17,8 +29,10 @@ from lookahead_cuda.bench.presets import PRESETS
         (["--alpha", "1.5"], "--alpha must be in (0, 1]"),
         (["--slow-dtype", "float16", "--fast-dtype", "float32"], "unsupported --slow-dtype"),
         (["--preset", "nope"], "invalid choice"),
+        (["--impl", "nope"], "invalid choice"),
         (["--device", "nonsense"], "--device"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--e2e", "--misaligned"], "--misaligned places the sync benchmark's tensors"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -40,6 +54,132 @@ def test_presets_have_the_real_models_sizes():
     assert PRESETS["llama-7b"].numel == 6_738_415_616 and len(PRESETS["llama-7b"].shapes) == 291
 
 
+def test_parse_args_resolves_a_frozen_config():
+    config = parse_args(["--device", "cpu", "--fast-dtype", "bfloat16", "--slow-dtype", "float32"])
+    assert isinstance(config, BenchConfig)
+    assert config.device == CPU
+    assert (config.slow_dtype, config.fast_dtype) == (torch.float32, torch.bfloat16)
+    assert config.list_dtypes == (torch.float32, torch.bfloat16)
+    assert config.impls == tuple(IMPLEMENTATIONS)
+    assert [p.name for p in config.presets] == [n for n, p in PRESETS.items() if not p.gpu_only]
+    assert not config.misaligned and config.json_path is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.reps = 3  # type: ignore[misc]
+
+
+def test_parse_args_defaults_and_custom_workloads():
+    config = parse_args(["--device", "cpu", "--preset", "gpt2", "--tensors", "2", "--numel", "7"])
+    assert config.slow_dtype == config.fast_dtype == torch.float32
+    assert [p.name for p in config.presets] == ["gpt2", "custom"]
+    assert config.presets[1].shapes == ((7,), (7,))
+    assert [p.name for p in parse_args(["--device", "cpu", "--e2e"]).presets] == ["gpt2"]
+    config = parse_args(["--device", "cpu", "--misaligned", "--impl", "loop", "--json", "x.json"])
+    assert config.misaligned and config.impls == ("loop",) and config.json_path == "x.json"
+
+
+def test_iqr_over_median_ignores_an_outlier():
+    # Linear quartiles of [1, 2, 3, 4, 100] are 2 and 4; the median is 3.
+    assert iqr_over_median([1.0, 2.0, 3.0, 4.0, 100.0]) == pytest.approx(2 / 3)
+    assert iqr_over_median([100.0, 4.0, 3.0, 2.0, 1.0]) == pytest.approx(2 / 3)
+    assert iqr_over_median([2.0, 2.0, 2.0]) == 0.0
+    assert iqr_over_median([5.0]) == 0.0
+    assert Timing((1.0, 2.0, 3.0, 4.0, 100.0)).spread == pytest.approx(2 / 3)
+    assert Timing((1.0, 2.0, 3.0, 4.0, 100.0)).median == 3.0
+
+
+def test_workload_traffic_counts_every_list_read_and_written():
+    preset = custom_preset(3, 1000)
+    workload = Workload(preset, (torch.float32, torch.bfloat16), CPU)
+    assert workload.bytes_per_element == 6
+    assert workload.set_bytes == 3000 * 6
+    assert workload.traffic_bytes == 3000 * 2 * (4 + 2)
+    lists = workload.random_lists()
+    assert [[t.dtype for t in ts] for ts in lists] == [[torch.float32] * 3, [torch.bfloat16] * 3]
+    assert workload.leading(2500).preset.shapes == ((1000,), (1000,))
+    assert workload.leading(10).preset.shapes == ((1000,),)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_misaligned_workloads_place_every_tensor_off_16_bytes(dtype):
+    workload = Workload(custom_preset(4, 33), (dtype, dtype), CPU, misaligned=True)
+    lists = workload.random_lists()
+    copies = workload.copy_lists(lists)
+    for t in [*lists[0], *lists[1], *copies[0], *copies[1]]:
+        assert t.data_ptr() % 16 != 0 and t.is_contiguous() and t.shape == (33,)
+    assert all(torch.equal(a, b) for a, b in zip(lists[0] + lists[1], copies[0] + copies[1]))
+    aligned = Workload(custom_preset(4, 33), (dtype, dtype), CPU).random_lists()
+    assert all(t.data_ptr() % 16 == 0 for t in aligned[0] + aligned[1])
+
+
+@pytest.mark.parametrize("traffic", [4096, 1 << 20, 6 * 12_345 * 2])
+def test_floor_buffers_move_the_workloads_traffic_apart_in_one_allocation(traffic):
+    for copy in (floor_copy(CPU), FloorCopy("torch copy_", 2, lambda a, b: b.copy_(a))):
+        a, b = floor_buffers(copy, CPU, traffic)
+        assert a.dtype == b.dtype == torch.float32 and a.numel() == b.numel()
+        assert 0 <= copy.passes * a.nbytes - traffic < copy.passes * 4
+        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        distance = b.data_ptr() - a.data_ptr()
+        assert distance >= a.nbytes + (3 << 20)
+        assert distance % CACHE_LINE == 0 and (distance // CACHE_LINE) % 2 == 1
+
+
+def test_cpu_floor_is_a_swap():
+    copy = floor_copy(CPU)
+    a, b = floor_buffers(copy, CPU, 4096)
+    before_a, before_b = a.clone(), b.clone()
+    copy.run(a, b)
+    assert torch.equal(a, before_b) and torch.equal(b, before_a)
+
+
+def _config(**changes) -> BenchConfig:
+    config = parse_args(["--device", "cpu", "--tensors", "3", "--numel", "1000", "--reps", "3"])
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_check_against_torch_sees_the_timed_placement(monkeypatch, misaligned):
+    pointers = []
+
+    def spy(lists, alpha):
+        pointers.extend(t.data_ptr() for ts in lists for t in ts)
+        IMPLEMENTATIONS["fused"].update(lists, alpha)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "spy", Implementation(spy, bitwise=True))
+    workload = Workload(custom_preset(3, 1000), (torch.float32,) * 2, CPU, misaligned)
+    sync.check_against_torch(workload, ["spy"], 0.5)
+    assert len(pointers) == 6
+    assert all((p % 16 != 0) == misaligned for p in pointers)
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_check_against_torch_catches_a_wrong_implementation(monkeypatch, misaligned):
+    def wrong(lists, alpha):
+        slow, fast = lists
+        for s, f in zip(slow, fast):
+            s.copy_(f)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "wrong", Implementation(wrong, bitwise=False))
+    workload = Workload(custom_preset(2, 100), (torch.float32,) * 2, CPU, misaligned)
+    with pytest.raises(AssertionError, match="wrong disagrees with torch"):
+        sync.check_against_torch(workload, ["wrong"], 0.5)
+
+
+def test_floor_rotates_through_as_many_copies_as_the_tensors(monkeypatch):
+    swap = floor_copy(CPU)
+    used = []
+
+    def recording_swap(a, b):
+        used.append(a.data_ptr())
+        swap.run(a, b)
+
+    monkeypatch.setattr(sync, "floor_copy", lambda device: FloorCopy("spy", 4, recording_swap))
+    workload = Workload(custom_preset(3, 1000), (torch.float32,) * 2, CPU)
+    config = _config(reps=9, warmup=1)
+    results = sync.bench_workload(workload, config, 5 * workload.set_bytes, lambda _: None)
+    assert [r.copies for r in results] == [5] * 4
+    assert len(used) == 10 and len(set(used[:5])) == 5 and used[5:] == used[:5]
+
+
 @pytest.mark.parametrize("dtypes", [[], ["--fast-dtype", "bfloat16", "--slow-dtype", "float32"]])
 def test_tiny_run_writes_table_and_json(tmp_path, capsys, dtypes):
     out = tmp_path / "results.json"
@@ -57,11 +197,14 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys, dtypes):
         *dtypes,
     ]
     assert main(argv) == 0
-    table = capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "floor: in-place swap of each workload's bytes" in printed
+    assert "IQR/med" in printed
     for impl in ("fused", "foreach", "loop", "floor"):
-        assert f"custom         {impl}" in table
+        assert f"custom         {impl}" in printed
     report = json.loads(out.read_text())
-    assert {"device", "torch", "threads", "results"} <= set(report)
+    assert {"device", "torch", "threads", "results", "floor"} <= set(report)
+    assert report["floor"]["copy"] == "in-place swap"
     assert [r["impl"] for r in report["results"]] == ["fused", "foreach", "loop", "floor"]
     keys = {
         "preset",
@@ -71,12 +214,47 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys, dtypes):
         "numel",
         "tensors",
         "median_ms",
+        "spread",
         "gbps",
         "ratio_to_floor",
+        "copies",
+        "misaligned",
     }
     for r in report["results"]:
         assert keys <= set(r)
         assert r["numel"] == 3000 and r["tensors"] == 3 and r["median_ms"] > 0
+        assert r["spread"] >= 0 and not r["misaligned"]
+
+
+def test_each_workload_has_its_own_floor(tmp_path):
+    out = tmp_path / "results.json"
+    argv = ["--device", "cpu", "--preset", "many-small", "--tensors", "2", "--numel", "5000"]
+    assert main([*argv, "--reps", "2", "--impl", "fused", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["preset"], r["impl"]) for r in results] == [
+        ("many-small", "fused"),
+        ("many-small", "floor"),
+        ("custom", "fused"),
+        ("custom", "floor"),
+    ]
+    for fused, floor in (results[:2], results[2:]):
+        traffic = 2 * fused["numel"] * (4 + 4)
+        assert floor["ratio_to_floor"] == 1.0
+        assert floor["gbps"] == pytest.approx(traffic / (floor["median_ms"] / 1e3) / 1e9)
+        assert fused["ratio_to_floor"] == pytest.approx(fused["median_ms"] / floor["median_ms"])
+        assert fused["copies"] == floor["copies"] >= 1
+
+
+def test_misaligned_run(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["--device", "cpu", "--tensors", "3", "--numel", "1001", "--reps", "2", "--misaligned"]
+    dtypes = ["--fast-dtype", "bfloat16", "--slow-dtype", "float32"]
+    assert main([*argv, *dtypes, "--json", str(out)]) == 0
+    assert "not 16-byte aligned" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["misaligned"]
+    assert [r["impl"] for r in report["results"]] == ["fused", "foreach", "loop", "floor"]
+    assert all(r["misaligned"] and r["median_ms"] > 0 for r in report["results"])
 
 
 def test_end_to_end_mode(tmp_path, capsys):
@@ -101,3 +279,18 @@ def test_end_to_end_mode(tmp_path, capsys):
     rows = json.loads(out.read_text())["e2e"]
     assert [r["optimizer"] for r in rows] == ["AdamW(foreach=True)", "AdamW(fused=True)"]
     assert all(r["step_ms"] > 0 and r["k"] == 2 for r in rows)
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bars.png"
+    argv = ["--device", "cpu", "--tensors", "2", "--numel", "100", "--reps", "1"]
+    assert main([*argv, "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0
+
+
+def test_rotation_copies_are_capped():
+    workload = Workload(custom_preset(1, 1), (torch.float32,) * 2, CPU)
+    config = _config(reps=1, warmup=0)
+    results = sync.bench_workload(workload, config, 1 << 40, lambda _: None)
+    assert {r.copies for r in results} == {sync.MAX_COPIES}

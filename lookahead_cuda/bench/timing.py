@@ -1,16 +1,15 @@
-"""Timing and the memory-bandwidth yardstick the benchmark measures against."""
+"""Timing helpers: the cache to time past, round-robin timing of several functions, and the
+statistics reported over the repetitions."""
 
 from __future__ import annotations
 
 import glob
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from lookahead_cuda import _C
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
@@ -38,8 +37,19 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """Half the range between the fastest and slowest repetition, relative to the median."""
-        return (max(self.samples) - min(self.samples)) / 2 / self.median
+        """The interquartile range over the median (see :func:`iqr_over_median`)."""
+        return iqr_over_median(self.samples)
+
+
+def iqr_over_median(samples: Sequence[float]) -> float:
+    """The interquartile range of ``samples`` divided by their median: a relative spread that one or
+    two stray repetitions (a neighbour's burst on a shared host) do not decide, as they decided half
+    the range. The quartiles interpolate linearly between the sorted samples (numpy's default), so
+    [1, 2, 3, 4, 100] has quartiles 2 and 4 and spread 2/3; fewer than two samples have none."""
+    if len(samples) < 2:
+        return 0.0
+    first, _, third = statistics.quantiles(samples, n=4, method="inclusive")
+    return (third - first) / statistics.median(samples)
 
 
 def measure_interleaved(
@@ -71,30 +81,3 @@ def _time_call(fn: Callable[[], object], device: torch.device) -> float:
     begin = time.perf_counter()
     fn()
     return time.perf_counter() - begin
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> tuple[float, str]:
-    """Bytes per second (read plus written) of the fastest plain streaming copy on ``device``, over
-    two buffers of ``nbytes`` each, and which copy that was.
-
-    torch's ``copy_`` into a separate buffer also reads every line it overwrites; on the CPU an
-    in-place swap of the two buffers, which moves exactly a Lookahead sync's traffic, competes too.
-    The two buffers are views of one allocation, a few MiB and an odd number of cache lines apart:
-    two separately allocated buffers can land a power of two apart, in the same DRAM banks, and
-    then stream at half speed (seen on the CPU machine: 17 against 42 GB/s), which would measure
-    the floor too slowly."""
-    numel = nbytes // 4
-    gap = (3 << 20) // 4 + 1040 // 4
-    buffer = torch.empty(2 * numel + gap, dtype=torch.float32, device=device).uniform_()
-    a, b = buffer[:numel], buffer[numel + gap :]
-    copies: dict[str, tuple[Callable[[], object], int]] = {
-        "torch copy_": (lambda: b.copy_(a), 2 * a.nbytes),
-    }
-    if device.type == "cpu":
-        copies["in-place swap"] = (lambda: _C.stream_swap_(a, b), 4 * a.nbytes)
-    timings = measure_interleaved(
-        {name: fn for name, (fn, _) in copies.items()}, device, reps, warmup=2
-    )
-    rates = {name: moved / timings[name].median for name, (_, moved) in copies.items()}
-    name = max(rates, key=rates.__getitem__)
-    return rates[name], name

@@ -1,0 +1,47 @@
+"""What one ``lookahead-bench`` run measures, resolved once from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lookahead_cuda.bench.presets import Preset
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A run's settings, every default and dependency resolved (the slow dtype, the workloads, the
+    device): the benchmarks read it and never change it."""
+
+    presets: tuple[Preset, ...]
+    device: torch.device
+    fast_dtype: torch.dtype
+    slow_dtype: torch.dtype
+    impls: tuple[str, ...]
+    alpha: float
+    reps: int
+    warmup: int
+    threads: int | None
+    e2e: bool
+    k: int
+    misaligned: bool
+    json_path: str | None
+    plot_path: str | None
+
+    @property
+    def list_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtype of each tensor list a sync updates, in the order the implementations take
+        them: how many lists a workload has, and (with the shapes) how many bytes it moves."""
+        return (self.slow_dtype, self.fast_dtype)

@@ -1,0 +1,108 @@
+"""The end-to-end benchmark (``--e2e``): an AdamW step with and without Lookahead around it, the
+sync amortized over Lookahead's k steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lookahead_cuda import Lookahead
+from lookahead_cuda.bench.config import BenchConfig
+from lookahead_cuda.bench.presets import Preset
+from lookahead_cuda.bench.timing import measure_interleaved
+
+
+@dataclass
+class StepResult:
+    preset: str
+    optimizer: str
+    k: int
+    step_ms: float
+    lookahead_step_ms: float
+    overhead_ms: float
+    overhead_pct: float
+
+
+def run(config: BenchConfig, progress: Callable[[str], None]) -> list[StepResult]:
+    results: list[StepResult] = []
+    for preset in config.presets:
+        results += bench_step(preset, config, progress)
+    return results
+
+
+def _replayed(step: Callable[[], Any]) -> Callable[[], None]:
+    """step captured once in a CUDA graph (after warm-up on a side stream, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def bench_step(
+    preset: Preset, config: BenchConfig, progress: Callable[[str], None]
+) -> list[StepResult]:
+    """AdamW's step time with and without Lookahead around it, Lookahead amortized over k steps
+    (k - 1 plain steps and one that syncs). On CUDA also with capturable AdamW and Lookahead, run
+    eagerly and replayed from a CUDA graph of one step (the sync decided on the device)."""
+    params = [
+        torch.randn(shape, device=config.device, dtype=config.fast_dtype, requires_grad=True)
+        for shape in preset.shapes
+    ]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    slow_dtype = config.slow_dtype if config.slow_dtype != config.fast_dtype else None
+    # (label, AdamW arguments, Lookahead arguments, replayed from a CUDA graph)
+    variants: list[tuple[str, dict[str, bool], dict[str, bool], bool]] = [
+        ("AdamW(foreach=True)", {"foreach": True}, {}, False),
+        ("AdamW(fused=True)", {"fused": True}, {}, False),
+    ]
+    if config.device.type == "cuda":
+        capturable = {"foreach": True, "capturable": True}
+        variants += [
+            ("AdamW(capturable), eager", capturable, {"capturable": True}, False),
+            ("AdamW(capturable), graph", capturable, {"capturable": True}, True),
+        ]
+    k = config.k
+    results = []
+    for label, adamw, lookahead, graph in variants:
+        inner = torch.optim.AdamW(params, lr=1e-4, **adamw)
+        wrapped_inner = torch.optim.AdamW(params, lr=1e-4, **adamw)
+        wrapped = Lookahead(wrapped_inner, k=k, slow_dtype=slow_dtype, **lookahead)
+        progress(f"  {preset.name}: {label} step, with and without Lookahead")
+        wrapped.step()  # takes the slow weights, outside the timing
+        plain_step, lookahead_step = inner.step, wrapped.step
+        if graph:
+            plain_step, lookahead_step = _replayed(inner.step), _replayed(wrapped.step)
+        # k steps of each per round, interleaved: Lookahead's k includes exactly one sync.
+        timings = measure_interleaved(
+            {
+                "plain": lambda step=plain_step: [step() for _ in range(k)],
+                "lookahead": lambda step=lookahead_step: [step() for _ in range(k)],
+            },
+            config.device,
+            config.reps,
+            min(config.warmup, 1),
+        )
+        step_ms = timings["plain"].median / k * 1e3
+        lookahead_ms = timings["lookahead"].median / k * 1e3
+        results.append(
+            StepResult(
+                preset.name,
+                label,
+                k,
+                step_ms,
+                lookahead_ms,
+                lookahead_ms - step_ms,
+                100 * (lookahead_ms - step_ms) / step_ms,
+            )
+        )
+    return results

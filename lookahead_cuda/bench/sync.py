@@ -1,0 +1,139 @@
+"""The sync microbenchmark: each implementation of the Lookahead sync, and the memory floor for the
+same bytes, timed round-robin on every workload."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lookahead_cuda.bench.config import BenchConfig, dtype_name
+from lookahead_cuda.bench.floor import floor_buffers, floor_copy
+from lookahead_cuda.bench.impls import IMPLEMENTATIONS, reference_update_
+from lookahead_cuda.bench.timing import Timing, last_level_cache_bytes, measure_interleaved
+from lookahead_cuda.bench.workload import Workload
+
+# A workload smaller than this many times the last-level cache is timed on several copies of its
+# tensors (and of its floor's buffers) in turn, so that it is timed from memory rather than cache.
+CACHE_MULTIPLE = 4
+MAX_COPIES = 64
+# The check against torch takes this many of a workload's leading elements at most, so that it fits
+# beside a 7B model's tensors on the device.
+CHECK_NUMEL = 1 << 28
+# The floor's copy streams at most this many bytes per call and its time is scaled to the
+# workload's traffic: far beyond any cache, yet small enough to sit beside the two lists of a 7B
+# model (54 GB in fp32) on the device, which a floor of the same traffic would not.
+FLOOR_MAX_TRAFFIC = 8 << 30
+FLOOR = "floor"
+
+
+@dataclass
+class Result:
+    preset: str
+    impl: str
+    fast_dtype: str
+    slow_dtype: str
+    numel: int
+    tensors: int
+    median_ms: float
+    #: Interquartile range over the median, over the repetitions.
+    spread: float
+    gbps: float
+    #: Median time over the median time of this workload's own floor.
+    ratio_to_floor: float
+    copies: int
+    misaligned: bool
+
+
+@dataclass(frozen=True)
+class SyncRun:
+    results: list[Result]
+    floor_copy: str
+    #: Workloads smaller than this rotate through copies of their tensors.
+    rotation_bytes: int
+
+
+def run(config: BenchConfig, progress: Callable[[str], None]) -> SyncRun:
+    rotation_bytes = CACHE_MULTIPLE * last_level_cache_bytes(config.device)
+    results: list[Result] = []
+    for index, preset in enumerate(config.presets, 1):
+        progress(f"[{index}/{len(config.presets)}] {preset.name}: {preset.description}")
+        results += bench_workload(Workload.of(preset, config), config, rotation_bytes, progress)
+    return SyncRun(results, floor_copy(config.device).name, rotation_bytes)
+
+
+def check_against_torch(workload: Workload, impls: Sequence[str], alpha: float) -> None:
+    """Every implementation gives torch's result on the workload's leading tensors, placed as the
+    timed ones are (misaligned ones too): bitwise where the implementation promises it, otherwise
+    to within the dtype's precision."""
+    checked = workload.leading(CHECK_NUMEL)
+    reference = checked.random_lists()
+    expected = checked.copy_lists(reference)
+    reference_update_(expected, alpha)
+    for impl in impls:
+        lists = checked.copy_lists(reference)
+        IMPLEMENTATIONS[impl].update(lists, alpha)
+        for got, want in zip(itertools.chain(*lists), itertools.chain(*expected)):
+            if IMPLEMENTATIONS[impl].bitwise:
+                same = torch.equal(got, want)
+            else:
+                # Inputs are randn, of magnitude up to ~5: a few ulps of that.
+                eps = torch.finfo(got.dtype).eps
+                same = torch.allclose(got, want, rtol=4 * eps, atol=16 * eps)
+            if not same:
+                raise AssertionError(f"{impl} disagrees with torch on {workload.preset.name}")
+
+
+def bench_workload(
+    workload: Workload,
+    config: BenchConfig,
+    rotation_bytes: int,
+    progress: Callable[[str], None],
+) -> list[Result]:
+    copies = min(MAX_COPIES, max(1, math.ceil(rotation_bytes / max(workload.set_bytes, 1))))
+    # The timed tensors are allocated first, as a model's parameters are, before the check's
+    # temporaries come and go: where the allocator places slow and fast relative to each other
+    # changes how fast memory streams them.
+    sets = [workload.random_lists() for _ in range(copies)]
+    copy = floor_copy(config.device)
+    floor_traffic = min(workload.traffic_bytes, FLOOR_MAX_TRAFFIC)
+    floors = [floor_buffers(copy, config.device, floor_traffic) for _ in range(copies)]
+    check_against_torch(workload, config.impls, config.alpha)
+
+    rotating = f", rotating {copies} copies" if copies > 1 else ""
+    progress(f"  {', '.join(config.impls)} and the floor, {config.reps} rounds{rotating}")
+    # Consecutive calls of the implementations, whichever makes them, take the next copy in turn,
+    # so none runs on tensors the call before it has just left in cache; the floor cycles through
+    # its own copies alike.
+    next_set = itertools.cycle(sets)
+    next_floor = itertools.cycle(floors)
+    fns: dict[str, Callable[[], object]] = {
+        impl: (lambda update=IMPLEMENTATIONS[impl].update: update(next(next_set), config.alpha))
+        for impl in config.impls
+    }
+    fns[FLOOR] = lambda: copy.run(*next(next_floor))
+    timings = measure_interleaved(fns, config.device, config.reps, config.warmup)
+    scale = workload.traffic_bytes / floor_traffic
+    timings[FLOOR] = Timing(tuple(sample * scale for sample in timings[FLOOR].samples))
+    floor = timings[FLOOR].median
+
+    def result(impl: str, timing: Timing) -> Result:
+        return Result(
+            preset=workload.preset.name,
+            impl=impl,
+            fast_dtype=dtype_name(config.fast_dtype),
+            slow_dtype=dtype_name(config.slow_dtype),
+            numel=workload.numel,
+            tensors=len(workload.preset.shapes),
+            median_ms=timing.median * 1e3,
+            spread=timing.spread,
+            gbps=workload.traffic_bytes / timing.median / 1e9,
+            ratio_to_floor=timing.median / floor,
+            copies=copies,
+            misaligned=workload.misaligned,
+        )
+
+    return [result(impl, timing) for impl, timing in timings.items()]
