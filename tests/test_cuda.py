@@ -10,10 +10,13 @@ from test_lookahead import INNER, ReferenceLookahead, batches, make_model, train
 import lookahead_cuda
 from lookahead_cuda import Lookahead
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and lookahead_cuda.build_info()["cuda"]),
-    reason="needs a GPU and a build with the CUDA kernels",
-)
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and lookahead_cuda.build_info()["cuda"]),
+        reason="needs a GPU and a build with the CUDA kernels",
+    ),
+]
 op = torch.ops.lookahead_cuda.lookahead_update_
 
 

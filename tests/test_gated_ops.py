@@ -28,10 +28,13 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() and lookahead_cuda.build_info()["cuda"]),
-            reason="needs a GPU and a build with the CUDA kernels",
-        ),
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(
+                not (torch.cuda.is_available() and lookahead_cuda.build_info()["cuda"]),
+                reason="needs a GPU and a build with the CUDA kernels",
+            ),
+        ],
     ),
 ]
 # Flat pairs, a pair with different layouts (ATen's path), and an empty one.

@@ -1,0 +1,94 @@
+"""The GPU run's checks that are neither tests nor lookahead-bench tables (bench/run_gpu.sh).
+
+python3 bench/gpu_checks.py build      # the build registered a CUDA kernel for every op
+python3 bench/gpu_checks.py launches   # kernel launches of one sync, by the torch profiler
+python3 bench/gpu_checks.py offload    # slow_device="cpu" against the default: time, memory
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import lookahead_cuda
+from lookahead_cuda import Lookahead, lookahead_update_
+from lookahead_cuda.bench.presets import PRESETS
+
+OPS = ("lookahead_update_", "lookahead_update_if_", "found_nonfinite_")
+
+
+def build() -> int:
+    info = lookahead_cuda.build_info()
+    print(f"build_info: {info}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    missing = [
+        op
+        for op in OPS
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lookahead_cuda::{op}", "CUDA")
+    ]
+    if not info["cuda"] or missing:
+        print(
+            f"THE BUILD HAS NO CUDA KERNELS for {missing or list(OPS)}: stopping", file=sys.stderr
+        )
+        return 1
+    print(f"CUDA kernels registered for {', '.join(OPS)}")
+    return 0
+
+
+def launches() -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, slow_dtype, fast_dtype in (
+        ("gpt2", torch.float32, torch.float32),
+        ("llama-7b", torch.float32, torch.bfloat16),
+    ):
+        shapes = PRESETS[name].shapes
+        slow = [torch.randn(s, device="cuda", dtype=slow_dtype) for s in shapes]
+        fast = [torch.randn(s, device="cuda", dtype=fast_dtype) for s in shapes]
+        lookahead_update_(slow, fast, 0.5)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            lookahead_update_(slow, fast, 0.5)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        elements = sum(t.numel() for t in slow) / 1e9
+        print(
+            f"{name}: {len(shapes)} tensors, {elements:.2f}B elements, slow {slow_dtype} / fast "
+            f"{fast_dtype}: {len(kernels)} kernel launch(es) per sync"
+        )
+        del slow, fast
+        torch.cuda.empty_cache()
+    return 0
+
+
+def offload() -> int:
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in PRESETS["gpt2"].shapes]
+    for slow_device in (None, "cpu"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        opt = Lookahead(torch.optim.SGD(params, lr=0.0), slow_device=slow_device)
+        opt.sync()  # takes the slow weights
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        times = []
+        for _ in range(10):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            opt.sync()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        times.sort()
+        print(
+            f"gpt2, slow_device={slow_device}: sync median {times[5] * 1e3:.2f} ms "
+            f"(min {times[0] * 1e3:.2f}), GPU memory held by Lookahead {held / 2**20:.1f} MiB"
+        )
+        del opt
+    return 0
+
+
+if __name__ == "__main__":
+    checks = {"build": build, "launches": launches, "offload": offload}
+    if len(sys.argv) != 2 or sys.argv[1] not in checks:
+        sys.exit(f"usage: python3 bench/gpu_checks.py {{{'|'.join(checks)}}}")
+    sys.exit(checks[sys.argv[1]]())
