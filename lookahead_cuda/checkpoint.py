@@ -171,22 +171,32 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
 def _load_inner(optimizer: torch.optim.Optimizer, inner: dict[str, Any]) -> None:
     """The inner optimizer's load_state_dict, undone if it fails or leaves a param group without
     one of the optimizer's hyperparameters (a state dict of another optimizer class)."""
+
+    def lacking(groups: list[Mapping[str, Any]]) -> str | None:
+        for index, group in enumerate(groups):
+            missing = [key for key in optimizer.defaults if key not in group]
+            if missing:
+                return (
+                    f"loaded param group {index} lacks {', '.join(map(repr, missing))}, which "
+                    f"{type(optimizer).__name__} needs: is this the state dict of another "
+                    "optimizer?"
+                )
+        return None
+
     before = optimizer.__dict__["state"], optimizer.__dict__["param_groups"]
     try:
         try:
             optimizer.load_state_dict(inner)
         except (KeyError, IndexError, AttributeError, RuntimeError) as error:
+            # Keys that torch fills in for older checkpoints may be missing from a good dict, so
+            # missing keys explain a failure rather than predict one.
+            reason = lacking(inner["param_groups"])
             raise ValueError(
-                f"{type(optimizer).__name__} rejected the loaded state: {error!r}"
+                reason or f"{type(optimizer).__name__} rejected the loaded state: {error!r}"
             ) from error
-        for index, group in enumerate(optimizer.param_groups):
-            missing = [key for key in optimizer.defaults if key not in group]
-            if missing:
-                raise ValueError(
-                    f"loaded param group {index} lacks {', '.join(map(repr, missing))}, which "
-                    f"{type(optimizer).__name__} needs: is this the state dict of another "
-                    "optimizer?"
-                )
+        reason = lacking(optimizer.param_groups)
+        if reason is not None:
+            raise ValueError(reason)
     except BaseException:
         optimizer.__dict__["state"], optimizer.__dict__["param_groups"] = before
         raise

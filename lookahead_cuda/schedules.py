@@ -106,7 +106,17 @@ class LookaheadScheduler:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state from :meth:`state_dict`, and set the saved epoch's alpha and k in
         the param groups again: building a scheduler sets epoch 0's, which would otherwise stand
-        until the next :meth:`step` when the optimizer's state dict was loaded first."""
+        until the next :meth:`step` when the optimizer's state dict was loaded first. A dict with
+        other keys than :meth:`state_dict` gives (an ``optimizer`` entry, say) raises
+        ``ValueError`` and changes nothing."""
+        expected = set(self.state_dict())
+        if set(state_dict) != expected:
+            unknown = sorted(set(state_dict) - expected)
+            missing = sorted(expected - set(state_dict))
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: not a state dict of this scheduler "
+                f"(unknown keys {unknown}, missing keys {missing})"
+            )
         self._apply(state_dict["last_epoch"], state_dict["_last_alpha"], state_dict["_last_k"])
         self.__dict__.update(state_dict)
 
@@ -159,7 +169,16 @@ class LambdaAlpha(LookaheadScheduler):
     def ks_at(self, epoch: int) -> list[int] | None:
         if self.k_lambdas is None:
             return None
-        return [round(base * f(epoch)) for base, f in zip(self.base_ks, self.k_lambdas)]
+        ks = []
+        for index, (base, f) in enumerate(zip(self.base_ks, self.k_lambdas)):
+            k = base * f(epoch)
+            if not math.isfinite(k):
+                raise ValueError(
+                    f"Invalid k in LambdaAlpha at epoch {epoch}, param group {index}: "
+                    f"{base} * k_lambda({epoch}) is {k!r}; expected a finite number"
+                )
+            ks.append(round(k))
+        return ks
 
 
 class CosineAlpha(LookaheadScheduler):
