@@ -31,8 +31,8 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def state_dict(opt: Lookahead) -> dict[str, Any]:
     """The inner optimizer's state dict with Lookahead's tensors added: the slow weights, pullback's
-    slow copies and the group counters. Taken in evaluation mode, it holds the true slow weights
-    and, as ``lookahead_fast_param``, the fast ones."""
+    slow copies and the group counters. Taken in evaluation mode, it holds copies of the true slow
+    weights and, as ``lookahead_fast_param``, of the fast ones."""
     inner = opt.optimizer.state_dict()
     index: dict[int, int] = {}
     for param in (p for group in opt.param_groups for p in group["params"]):
@@ -45,9 +45,10 @@ def state_dict(opt: Lookahead) -> dict[str, Any]:
         entry = state.setdefault(index[id(param)], {})
         entry.update({STATE_PREFIX + name: value for name, value in ours.items()})
         if param in swapped:
+            # Copies: the tensors holding the two roles trade them back at opt.train().
             slow, fast = swapped[param]
-            entry[STATE_PREFIX + SLOW_PARAM] = slow
-            entry[STATE_PREFIX + FAST_PARAM] = fast
+            entry[STATE_PREFIX + SLOW_PARAM] = slow.clone()
+            entry[STATE_PREFIX + FAST_PARAM] = fast.clone()
     return {"state": state, "param_groups": inner["param_groups"]}
 
 

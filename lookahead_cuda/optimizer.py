@@ -611,6 +611,24 @@ class Lookahead(Optimizer):
         weights."""
         return self._evaluation is None
 
+    def slow_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``module.state_dict()`` with each parameter that has slow weights replaced by a copy of
+        them in the parameter's dtype and device: the model the paper evaluates, to save for
+        deployment (``torch.save(opt.slow_state_dict(model), path)``, then ``load_state_dict``
+        into a model of the same architecture). Nothing is swapped, so it can be called at any
+        point of training, in either mode."""
+        state = module.state_dict()
+        swapped = self._evaluation.slow_and_fast() if self._evaluation is not None else {}
+        with torch.no_grad():
+            for name, param in module.named_parameters(remove_duplicate=False):
+                slow = self.lookahead_state.get(param, {}).get(SLOW_PARAM)
+                if slow is None or name not in state:
+                    continue
+                if param in swapped:
+                    slow = swapped[param][0]
+                state[name] = slow.detach().to(param.device, param.dtype, copy=True)
+        return state
+
     @contextlib.contextmanager
     def slow_weights(self) -> Iterator[None]:
         """Inside the block the parameters hold the slow weights; on exit the fast weights return
