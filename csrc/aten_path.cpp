@@ -5,6 +5,7 @@
 #include <ATen/ops/where.h>
 
 #include <numeric>
+#include <utility>
 
 namespace lookahead {
 
@@ -28,6 +29,50 @@ void update_if_with_aten(at::TensorList slow, at::TensorList fast, double alpha,
   for (const size_t i : indices) {
     const at::Tensor lerped = slow[i].lerp(fast[i].to(slow[i].scalar_type()), alpha);
     slow[i].copy_(at::where(lerp_flag, lerped, slow[i]));
+    fast[i].copy_(at::where(due_flag, slow[i].to(fast[i].scalar_type()), fast[i]));
+  }
+}
+
+namespace {
+
+// (new slow, new momentum) in the math type of the slow dtype.
+std::pair<at::Tensor, at::Tensor> momentum_step(const at::Tensor& slow, const at::Tensor& fast,
+                                                const at::Tensor& momentum, double lr, double mu,
+                                                bool nesterov) {
+  const auto math = slow.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor start = slow.to(math);
+  const at::Tensor pseudo_gradient = start.sub(fast.to(math));
+  const at::Tensor buffer = momentum.to(math).mul_(mu).add_(pseudo_gradient);
+  const at::Tensor step = nesterov ? pseudo_gradient.add(buffer, mu) : buffer;
+  return {start.sub_(step, lr), buffer};
+}
+
+}  // namespace
+
+void momentum_update_with_aten(at::TensorList slow, at::TensorList fast, at::TensorList momentum,
+                               double lr, double mu, bool nesterov,
+                               const std::vector<size_t>& indices) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  for (const size_t i : indices) {
+    const auto [result, buffer] = momentum_step(slow[i], fast[i], momentum[i], lr, mu, nesterov);
+    momentum[i].copy_(buffer);
+    slow[i].copy_(result);
+    fast[i].copy_(slow[i]);
+  }
+}
+
+void momentum_update_if_with_aten(at::TensorList slow, at::TensorList fast, at::TensorList momentum,
+                                  double lr, double mu, bool nesterov, const at::Tensor& due,
+                                  const std::optional<at::Tensor>& restore,
+                                  const std::vector<size_t>& indices) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor due_flag = due.reshape({});
+  const at::Tensor step_flag =
+      restore ? due_flag.logical_and(restore->reshape({}).logical_not()) : due_flag;
+  for (const size_t i : indices) {
+    const auto [result, buffer] = momentum_step(slow[i], fast[i], momentum[i], lr, mu, nesterov);
+    momentum[i].copy_(at::where(step_flag, buffer, momentum[i]));
+    slow[i].copy_(at::where(step_flag, result, slow[i]));
     fast[i].copy_(at::where(due_flag, slow[i].to(fast[i].scalar_type()), fast[i]));
   }
 }

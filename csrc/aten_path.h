@@ -20,6 +20,21 @@ void update_if_with_aten(at::TensorList slow, at::TensorList fast, double alpha,
                          const at::Tensor& due, const std::optional<at::Tensor>& restore,
                          const std::vector<size_t>& indices);
 
+// The outer-momentum sync, computed in the slow dtype's math type, for each i in indices:
+//   d = slow - fast;  momentum = mu * momentum + d;  step = nesterov ? d + mu * momentum : momentum
+//   slow = slow - lr * step;  fast = slow
+// Rounded per operation, so not bitwise what the kernels (one rounding per multiply-add) compute.
+void momentum_update_with_aten(at::TensorList slow, at::TensorList fast, at::TensorList momentum,
+                               double lr, double mu, bool nesterov,
+                               const std::vector<size_t>& indices);
+
+// The same, decided by the flags on their device: nothing unless due; with restore,
+// fast[i].copy_(slow[i]) with slow and momentum as they are.
+void momentum_update_if_with_aten(at::TensorList slow, at::TensorList fast, at::TensorList momentum,
+                                  double lr, double mu, bool nesterov, const at::Tensor& due,
+                                  const std::optional<at::Tensor>& restore,
+                                  const std::vector<size_t>& indices);
+
 // found |= (due and some element of tensors[i] is NaN or infinite), for each i in indices.
 void found_nonfinite_with_aten(at::TensorList tensors, const at::Tensor& found,
                                const std::optional<at::Tensor>& due,

@@ -1,5 +1,5 @@
 // The per-element arithmetic of the ops, written once for the CPU and CUDA kernels: one element
-// of a sync, of a restore, and the non-finite test.
+// of a sync, of the outer-momentum sync, of a restore, and the non-finite test.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -56,6 +56,26 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sync_element(S& slow, F& fast, opmath_t c
   const auto start = static_cast<opmath_t>(slow);
   const auto end = static_cast<opmath_t>(fast);
   const S result = static_cast<S>(multiply_add<kFused>(coeff, end - start, kSmall ? start : end));
+  slow = result;
+  fast = static_cast<F>(result);
+}
+
+// One element of the outer-momentum sync (SNOO; DiLoCo's outer step), in opmath_t with the
+// pseudo-gradient d = slow - fast:
+//   momentum <- mu * momentum + d
+//   slow <- slow - lr * (d + mu * momentum)    (Nesterov)   or   slow - lr * momentum (heavy ball)
+//   fast <- slow
+// Each multiply-add is rounded once where kFused (always on CUDA, and on CPUs with FMA), so the two
+// backends agree; the momentum is stored in the slow dtype, rounded from the value the step used.
+template <bool kFused, bool kNesterov, typename opmath_t, typename S, typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void momentum_element(S& slow, F& fast, S& momentum, opmath_t lr,
+                                                        opmath_t mu) {
+  const auto start = static_cast<opmath_t>(slow);
+  const opmath_t pseudo_gradient = start - static_cast<opmath_t>(fast);
+  const opmath_t buffer = multiply_add<kFused>(mu, static_cast<opmath_t>(momentum), pseudo_gradient);
+  const opmath_t step = kNesterov ? multiply_add<kFused>(mu, buffer, pseudo_gradient) : buffer;
+  const S result = static_cast<S>(multiply_add<kFused>(-lr, step, start));
+  momentum = static_cast<S>(buffer);
   slow = result;
   fast = static_cast<F>(result);
 }

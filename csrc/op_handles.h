@@ -12,6 +12,11 @@ namespace lookahead {
 using UpdateSignature = void(at::TensorList, at::TensorList, double);
 using UpdateIfSignature = void(at::TensorList, at::TensorList, double, const at::Tensor&,
                                const std::optional<at::Tensor>&);
+using MomentumUpdateSignature = void(at::TensorList, at::TensorList, at::TensorList, double, double,
+                                     bool);
+using MomentumUpdateIfSignature = void(at::TensorList, at::TensorList, at::TensorList, double,
+                                       double, bool, const at::Tensor&,
+                                       const std::optional<at::Tensor>&);
 using FoundNonfiniteSignature = void(at::TensorList, const at::Tensor&,
                                      const std::optional<at::Tensor>&);
 
@@ -26,6 +31,20 @@ inline const c10::TypedOperatorHandle<UpdateIfSignature>& lookahead_update_if_op
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lookahead_cuda::lookahead_update_if_", "")
                              .typed<UpdateIfSignature>();
+  return op;
+}
+
+inline const c10::TypedOperatorHandle<MomentumUpdateSignature>& lookahead_momentum_update_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lookahead_cuda::lookahead_momentum_update_", "")
+                             .typed<MomentumUpdateSignature>();
+  return op;
+}
+
+inline const c10::TypedOperatorHandle<MomentumUpdateIfSignature>& lookahead_momentum_update_if_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lookahead_cuda::lookahead_momentum_update_if_", "")
+                             .typed<MomentumUpdateIfSignature>();
   return op;
 }
 

@@ -111,6 +111,50 @@ bool try_lookahead_update_if(py::handle slow, py::handle fast, py::handle alpha,
   return true;
 }
 
+bool try_lookahead_momentum_update(py::handle slow, py::handle fast, py::handle momentum,
+                                   py::handle lr, py::handle mu, py::handle nesterov) {
+  const std::optional<double> lr_value = plain_float(lr);
+  const std::optional<double> mu_value = plain_float(mu);
+  if (!lr_value || !mu_value || !PyBool_Check(nesterov.ptr()) ||
+      at::impl::torch_function_mode_enabled()) {
+    return false;
+  }
+  auto slow_tensors = BorrowedTensors::of(slow);
+  auto fast_tensors = slow_tensors ? BorrowedTensors::of(fast) : std::nullopt;
+  auto momentum_tensors = fast_tensors ? BorrowedTensors::of(momentum) : std::nullopt;
+  if (!momentum_tensors) return false;
+  const bool nesterov_value = nesterov.ptr() == Py_True;
+  py::gil_scoped_release no_gil;
+  lookahead_momentum_update_op().call(slow_tensors->list(), fast_tensors->list(),
+                                      momentum_tensors->list(), *lr_value, *mu_value,
+                                      nesterov_value);
+  return true;
+}
+
+bool try_lookahead_momentum_update_if(py::handle slow, py::handle fast, py::handle momentum,
+                                      py::handle lr, py::handle mu, py::handle nesterov,
+                                      py::handle due, py::handle restore) {
+  const std::optional<double> lr_value = plain_float(lr);
+  const std::optional<double> mu_value = plain_float(mu);
+  std::optional<at::Tensor> restore_tensor;
+  if (!lr_value || !mu_value || !PyBool_Check(nesterov.ptr()) ||
+      at::impl::torch_function_mode_enabled() || !plain_tensor(due) ||
+      !optional_tensor(restore, restore_tensor)) {
+    return false;
+  }
+  auto slow_tensors = BorrowedTensors::of(slow);
+  auto fast_tensors = slow_tensors ? BorrowedTensors::of(fast) : std::nullopt;
+  auto momentum_tensors = fast_tensors ? BorrowedTensors::of(momentum) : std::nullopt;
+  if (!momentum_tensors) return false;
+  const bool nesterov_value = nesterov.ptr() == Py_True;
+  const at::Tensor& due_tensor = THPVariable_Unpack(due.ptr());
+  py::gil_scoped_release no_gil;
+  lookahead_momentum_update_if_op().call(slow_tensors->list(), fast_tensors->list(),
+                                         momentum_tensors->list(), *lr_value, *mu_value,
+                                         nesterov_value, due_tensor, restore_tensor);
+  return true;
+}
+
 bool try_found_nonfinite(py::handle tensors, py::handle found, py::handle due) {
   std::optional<at::Tensor> due_tensor;
   if (at::impl::torch_function_mode_enabled() || !plain_tensor(found) ||
@@ -135,6 +179,13 @@ void def_python_calls(py::module_& m) {
   m.def("try_lookahead_update_if_", &try_lookahead_update_if, py::arg("slow"), py::arg("fast"),
         py::arg("alpha"), py::arg("due"), py::arg("restore"),
         "lookahead_update_if_ through the dispatcher without boxing; False as above.");
+  m.def("try_lookahead_momentum_update_", &try_lookahead_momentum_update, py::arg("slow"),
+        py::arg("fast"), py::arg("momentum"), py::arg("lr"), py::arg("mu"), py::arg("nesterov"),
+        "lookahead_momentum_update_ through the dispatcher without boxing; False as above.");
+  m.def("try_lookahead_momentum_update_if_", &try_lookahead_momentum_update_if, py::arg("slow"),
+        py::arg("fast"), py::arg("momentum"), py::arg("lr"), py::arg("mu"), py::arg("nesterov"),
+        py::arg("due"), py::arg("restore"),
+        "lookahead_momentum_update_if_ through the dispatcher without boxing; False as above.");
   m.def("try_found_nonfinite_", &try_found_nonfinite, py::arg("tensors"), py::arg("found"),
         py::arg("due"), "found_nonfinite_ through the dispatcher without boxing; False as above.");
 }

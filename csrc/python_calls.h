@@ -5,7 +5,8 @@
 
 namespace lookahead {
 
-// Adds try_lookahead_update_, try_lookahead_update_if_ and try_found_nonfinite_ to the module.
+// Adds try_lookahead_update_, try_lookahead_update_if_, try_lookahead_momentum_update_,
+// try_lookahead_momentum_update_if_ and try_found_nonfinite_ to the module.
 void def_python_calls(pybind11::module_& m);
 
 }  // namespace lookahead

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <initializer_list>
 #include <utility>
 
 #include "dtype_pairs.h"
@@ -15,7 +14,10 @@ namespace lookahead {
 std::string ArgumentNames::operator()(const char* list, size_t index) const {
   if (index < fast_names_.size()) {
     const std::string& name = fast_names_[index];
-    return std::string(list) == "slow" ? "the slow copy of " + name : name;
+    const std::string kind(list);
+    if (kind == "slow") return "the slow copy of " + name;
+    if (kind == "momentum") return "the outer momentum of " + name;
+    return name;
   }
   return std::string(list) + "[" + std::to_string(index) + "]";
 }
@@ -35,7 +37,7 @@ void prefetch_object(const T* object) {
   for (size_t offset = 0; offset < sizeof(T) + 63; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
-void prefetch_ahead(std::initializer_list<at::TensorList> lists, size_t i) {
+void prefetch_ahead(c10::ArrayRef<at::TensorList> lists, size_t i) {
   for (const at::TensorList list : lists) {
     if (i + kPrefetchAhead < list.size()) {
       prefetch_object(list[i + kPrefetchAhead].unsafeGetTensorImpl());
@@ -231,15 +233,18 @@ void order_by_address(std::vector<Extent>& extents) {
   std::sort(extents.begin(), extents.end(), starts_before);
 }
 
-// Sweeps the ranges in address order, keeping those that still reach past the current one: for the
-// usual disjoint tensors that is none, so a call with thousands of parameters (possibly views into
-// one flat buffer) stays linear.
-void check_no_shared_memory(const char* op, std::vector<Extent>& slow, std::vector<Extent>& fast,
+// Sweeps the ranges of every list in address order, keeping those that still reach past the
+// current one: for the usual disjoint tensors that is none, so a call with thousands of parameters
+// (possibly views into one flat buffer) stays linear.
+void check_no_shared_memory(const char* op, std::vector<std::vector<Extent>>& lists,
                             const ArgumentNames& names) {
-  order_by_address(slow);
-  order_by_address(fast);
-  std::vector<Extent> all(slow.size() + fast.size());
-  std::merge(slow.begin(), slow.end(), fast.begin(), fast.end(), all.begin(), starts_before);
+  std::vector<Extent> all;
+  for (std::vector<Extent>& list : lists) {
+    order_by_address(list);
+    std::vector<Extent> merged(all.size() + list.size());
+    std::merge(all.begin(), all.end(), list.begin(), list.end(), merged.begin(), starts_before);
+    all = std::move(merged);
+  }
   std::vector<const Extent*> reaching;
   for (const Extent& next : all) {
     reaching.erase(std::remove_if(reaching.begin(), reaching.end(),
@@ -247,13 +252,14 @@ void check_no_shared_memory(const char* op, std::vector<Extent>& slow, std::vect
                    reaching.end());
     for (const Extent* earlier : reaching) {
       const Overlap overlap = elements_overlap(*earlier, next);
-      const std::string first = names(earlier->list, earlier->index);
-      const std::string second = names(next.list, next.index);
-      TORCH_CHECK_VALUE(overlap != Overlap::kYes, op, ": ", first, " and ", second,
-                        " share memory; every slow and fast tensor must be distinct storage (is "
-                        "the same tensor passed twice?)");
-      TORCH_CHECK_VALUE(overlap != Overlap::kUnknown, op, ": cannot verify that ", first, " and ",
-                        second, " share no memory: their strides interleave over more than ",
+      TORCH_CHECK_VALUE(overlap != Overlap::kYes, op, ": ", names(earlier->list, earlier->index),
+                        " and ", names(next.list, next.index),
+                        " share memory; every tensor of a call must be distinct storage (is the "
+                        "same tensor passed twice?)");
+      TORCH_CHECK_VALUE(overlap != Overlap::kUnknown, op, ": cannot verify that ",
+                        names(earlier->list, earlier->index), " and ",
+                        names(next.list, next.index),
+                        " share no memory: their strides interleave over more than ",
                         kMaxEnumeratedElements, " elements; pass contiguous tensors");
     }
     reaching.push_back(&next);
@@ -273,43 +279,59 @@ void check_no_self_overlap(const char* op, const at::Tensor& t, const Name& name
 
 }  // namespace
 
-PairsByLayout validate_update(const char* op, at::TensorList slow, at::TensorList fast, double alpha,
-                              const ArgumentNames& names) {
-  TORCH_CHECK_VALUE(slow.size() == fast.size(), op, ": slow has ", slow.size(),
-                    " tensors but fast has ", fast.size(),
-                    "; the lists pair up element by element");
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0.0 && alpha <= 1.0, op,
-                    ": alpha must be in (0, 1], got ", alpha);
-  PairsByLayout layout;
-  if (slow.empty()) return layout;
+namespace {
 
-  const auto device = slow[0].device();
+// A list of the call with the name its messages use.
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+};
+
+// What every op that writes lists (slow, fast, and any list of buffers kept in the slow dtype)
+// requires of them, index by index.
+Layout validate_written_lists(const char* op, c10::ArrayRef<NamedList> lists,
+                              const ArgumentNames& names) {
+  const NamedList& slow = lists[0];
+  const NamedList& fast = lists[1];
+  for (const NamedList& list : lists.slice(1)) {
+    TORCH_CHECK_VALUE(list.tensors.size() == slow.tensors.size(), op, ": slow has ",
+                      slow.tensors.size(), " tensors but ", list.name, " has ", list.tensors.size(),
+                      "; the lists pair up element by element");
+  }
+  Layout layout;
+  const size_t count = slow.tensors.size();
+  if (count == 0) return layout;
+
+  const auto device = slow.tensors[0].device();
   const std::string first = names("slow", 0);
-  const auto slow_dtype = slow[0].scalar_type();
-  const auto fast_dtype = fast[0].scalar_type();
+  const auto slow_dtype = slow.tensors[0].scalar_type();
+  const auto fast_dtype = fast.tensors[0].scalar_type();
+  std::vector<at::TensorList> tensor_lists;
+  for (const NamedList& list : lists) tensor_lists.push_back(list.tensors);
   AddressSpace addresses;
-  std::vector<Extent> slow_extents;
-  std::vector<Extent> fast_extents;
-  slow_extents.reserve(slow.size());
-  fast_extents.reserve(fast.size());
-  layout.flat.reserve(slow.size());
-  for (size_t i = 0; i < slow.size(); ++i) {
-    prefetch_ahead({slow, fast}, i);
-    const at::Tensor& s = slow[i];
-    const at::Tensor& f = fast[i];
-    const auto slow_name = [&] { return names("slow", i); };
-    const auto fast_name = [&] { return names("fast", i); };
-    check_tensor_argument(op, s, slow_name, device, first);
-    check_tensor_argument(op, f, fast_name, device, first);
-    check_writable(op, s, slow_name);
-    check_writable(op, f, fast_name);
-    // Traced with dynamic shapes (torch.compile), sizes are symbolic: the shapes are compared as
-    // such, and the layout and memory checks are left to the real call.
-    const bool symbolic = s.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-                          f.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
-    TORCH_CHECK_VALUE(symbolic ? s.sym_sizes() == f.sym_sizes() : s.sizes() == f.sizes(), op,
-                      ": ", slow_name(), " has shape ", s.sym_sizes(), " but ", fast_name(),
-                      " has shape ", f.sym_sizes());
+  std::vector<std::vector<Extent>> extents(lists.size());
+  for (auto& list_extents : extents) list_extents.reserve(count);
+  layout.flat.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    prefetch_ahead(tensor_lists, i);
+    const at::Tensor& s = slow.tensors[i];
+    const at::Tensor& f = fast.tensors[i];
+    bool symbolic = false;
+    for (const NamedList& list : lists) {
+      const at::Tensor& t = list.tensors[i];
+      const auto name = [&] { return names(list.name, i); };
+      check_tensor_argument(op, t, name, device, first);
+      check_writable(op, t, name);
+      // Traced with dynamic shapes (torch.compile), sizes are symbolic: the shapes are compared
+      // as such, and the layout and memory checks are left to the real call.
+      symbolic = symbolic || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+    }
+    for (const NamedList& list : lists.slice(1)) {
+      const at::Tensor& t = list.tensors[i];
+      TORCH_CHECK_VALUE(symbolic ? t.sym_sizes() == s.sym_sizes() : t.sizes() == s.sizes(), op,
+                        ": ", names("slow", i), " has shape ", s.sym_sizes(), " but ",
+                        names(list.name, i), " has shape ", t.sym_sizes());
+    }
     TORCH_CHECK_TYPE(is_supported_pair(s.scalar_type(), f.scalar_type()), op,
                      ": unsupported dtype pair at index ", i, ": slow ",
                      dtype_name(s.scalar_type()), ", fast ", dtype_name(f.scalar_type()),
@@ -319,44 +341,73 @@ PairsByLayout validate_update(const char* op, at::TensorList slow, at::TensorLis
                      dtype_name(f.scalar_type()), ") but index 0 has (slow ",
                      dtype_name(slow_dtype), ", fast ", dtype_name(fast_dtype),
                      "); one call takes one dtype pair, so group tensors by dtype first");
-    if (symbolic || s.numel() == 0) continue;
-    const bool flat = same_element_order(s, f);
-    if (!flat) {
-      check_no_self_overlap(op, s, slow_name);
-      check_no_self_overlap(op, f, fast_name);
+    for (const NamedList& list : lists.slice(2)) {
+      const at::Tensor& t = list.tensors[i];
+      TORCH_CHECK_TYPE(t.scalar_type() == slow_dtype, op, ": ", names(list.name, i),
+                       " has dtype ", dtype_name(t.scalar_type()), " but the slow weights have ",
+                       dtype_name(slow_dtype), "; it is kept in the slow dtype");
     }
-    const uintptr_t s_first = addresses.first_element(s);
-    const uintptr_t f_first = addresses.first_element(f);
+    if (symbolic || s.numel() == 0) continue;
+    bool flat = true;
+    for (const NamedList& list : lists.slice(1)) {
+      flat = flat && same_element_order(s, list.tensors[i]);
+    }
+    FlatItem item{{}, s.numel()};
+    for (size_t l = 0; l < lists.size(); ++l) {
+      const at::Tensor& t = lists[l].tensors[i];
+      if (!flat) check_no_self_overlap(op, t, [&] { return names(lists[l].name, i); });
+      const uintptr_t start = addresses.first_element(t);
+      item.data[l] = reinterpret_cast<void*>(start);
+      extents[l].push_back(extent_of(t, start, flat, lists[l].name, i));
+    }
     if (flat) {
-      layout.flat.push_back({reinterpret_cast<void*>(s_first), reinterpret_cast<void*>(f_first),
-                             s.numel()});
+      layout.flat.push_back(item);
     } else {
       layout.strided.push_back(i);
     }
-    slow_extents.push_back(extent_of(s, s_first, flat, "slow", i));
-    fast_extents.push_back(extent_of(f, f_first, flat, "fast", i));
   }
-  check_no_shared_memory(op, slow_extents, fast_extents, names);
+  check_no_shared_memory(op, extents, names);
   return layout;
 }
 
-void validate_update_flags(at::TensorList slow, const at::Tensor& due,
+}  // namespace
+
+Layout validate_update(const char* op, at::TensorList slow, at::TensorList fast, double alpha,
+                       const ArgumentNames& names) {
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0.0 && alpha <= 1.0, op,
+                    ": alpha must be in (0, 1], got ", alpha);
+  const NamedList lists[] = {{"slow", slow}, {"fast", fast}};
+  return validate_written_lists(op, lists, names);
+}
+
+Layout validate_momentum_update(const char* op, at::TensorList slow, at::TensorList fast,
+                                at::TensorList momentum, double lr, double mu,
+                                const ArgumentNames& names) {
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr > 0.0 && lr <= 1.0, op,
+                    ": lr must be in (0, 1], got ", lr);
+  TORCH_CHECK_VALUE(std::isfinite(mu) && mu >= 0.0 && mu < 1.0, op,
+                    ": mu must be in [0, 1), got ", mu);
+  const NamedList lists[] = {{"slow", slow}, {"fast", fast}, {"momentum", momentum}};
+  return validate_written_lists(op, lists, names);
+}
+
+void validate_update_flags(const char* op, at::TensorList slow, const at::Tensor& due,
                            const std::optional<at::Tensor>& restore) {
   std::optional<at::Device> device;
   if (!slow.empty()) device = slow[0].device();
-  check_flag("lookahead_update_if_", due, "due", device);
-  if (restore) check_flag("lookahead_update_if_", *restore, "restore", device);
+  check_flag(op, due, "due", device);
+  if (restore) check_flag(op, *restore, "restore", device);
 }
 
-TensorsByLayout validate_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
-                                         const std::optional<at::Tensor>& due) {
+Layout validate_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
+                                const std::optional<at::Tensor>& due) {
   constexpr const char* kOp = "found_nonfinite_";
   std::optional<at::Device> device;
   if (!tensors.empty()) device = tensors[0].device();
   check_flag(kOp, found, "found", device);
   if (due) check_flag(kOp, *due, "due", device);
   check_writable(kOp, found, [] { return "found"; });
-  TensorsByLayout layout;
+  Layout layout;
   if (tensors.empty()) return layout;
   const auto dtype = tensors[0].scalar_type();
   layout.flat.reserve(tensors.size());
@@ -371,7 +422,7 @@ TensorsByLayout validate_nonfinite_check(at::TensorList tensors, const at::Tenso
     if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || t.numel() == 0) continue;
     // Read-only: a tensor whose elements share memory is read as it is.
     if (t.is_non_overlapping_and_dense() && !t.is_meta()) {
-      layout.flat.push_back({t.data_ptr(), t.numel()});
+      layout.flat.push_back({{t.data_ptr()}, t.numel()});
     } else {
       layout.strided.push_back(i);
     }

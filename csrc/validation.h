@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -25,19 +26,20 @@ class ArgumentNames {
   std::vector<std::string> fast_names_;
 };
 
-// A non-empty tensor pair that a kernel can treat as two flat arrays of numel elements starting at
-// the given addresses, in the same element order: both dense, with the same strides (contiguous,
-// channels_last and any permutation alike).
-struct FlatPair {
-  void* slow;
-  void* fast;
+// The tensors of every list at one index (slow, fast and, for the momentum op, the buffer) when a
+// kernel can treat them as flat arrays of numel elements starting at the given addresses, in the
+// same element order: all dense, with the same strides (contiguous, channels_last and any
+// permutation alike). found_nonfinite_ uses the first address only.
+constexpr size_t kMaxLists = 3;
+struct FlatItem {
+  std::array<void*, kMaxLists> data;
   int64_t numel;
 };
 
-// The non-empty pairs of a call, sorted by what can run them.
-struct PairsByLayout {
-  std::vector<FlatPair> flat;   // for the kernel
-  std::vector<size_t> strided;  // indices of the other pairs, for ATen one by one
+// The non-empty indices of a call, sorted by what can run them.
+struct Layout {
+  std::vector<FlatItem> flat;   // for the kernel
+  std::vector<size_t> strided;  // the other indices, for ATen one by one
 };
 
 // Validates lookahead_update_(slow, fast, alpha) and its gated form: equal-length lists of dense
@@ -45,29 +47,24 @@ struct PairsByLayout {
 // the whole call, writable tensors, no memory shared between any two elements (within a tensor or
 // across tensors), and alpha in (0, 1]. Each tensor's metadata is touched once (with thousands of
 // parameters, that metadata is a good share of the call's time).
-PairsByLayout validate_update(const char* op, at::TensorList slow, at::TensorList fast, double alpha,
-                              const ArgumentNames& names = {});
+Layout validate_update(const char* op, at::TensorList slow, at::TensorList fast, double alpha,
+                       const ArgumentNames& names = {});
 
-// lookahead_update_if_'s flags: `due` (run the sync at all) and the optional `restore` (fast <- slow,
-// slow untouched) must be one-element bool tensors on the lists' device, read by the kernel itself
+// Validates lookahead_momentum_update_(slow, fast, momentum, lr, mu, nesterov) and its gated form:
+// as validate_update, with a third list in the slow dtype, lr in (0, 1] and mu in [0, 1).
+Layout validate_momentum_update(const char* op, at::TensorList slow, at::TensorList fast,
+                                at::TensorList momentum, double lr, double mu,
+                                const ArgumentNames& names = {});
+
+// The gated ops' flags: `due` (run the sync at all) and the optional `restore` (fast <- slow, the
+// rest untouched) must be one-element bool tensors on the lists' device, read by the kernel itself
 // so that a CUDA caller never waits for the host.
-void validate_update_flags(at::TensorList slow, const at::Tensor& due,
+void validate_update_flags(const char* op, at::TensorList slow, const at::Tensor& due,
                            const std::optional<at::Tensor>& restore);
-
-// found_nonfinite_'s view of a dense tensor.
-struct FlatTensor {
-  const void* data;
-  int64_t numel;
-};
-
-struct TensorsByLayout {
-  std::vector<FlatTensor> flat;
-  std::vector<size_t> strided;
-};
 
 // Validates found_nonfinite_(tensors, found, due): dense tensors of one supported floating dtype on
 // one device, and `found` (writable) and `due` one-element bool tensors on that device.
-TensorsByLayout validate_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
-                                         const std::optional<at::Tensor>& due);
+Layout validate_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
+                                const std::optional<at::Tensor>& due);
 
 }  // namespace lookahead

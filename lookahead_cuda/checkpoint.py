@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 #: Prefix of Lookahead's entries in ``state_dict()["state"][i]``, beside the inner state.
 STATE_PREFIX = "lookahead_"
 SLOW_PARAM = "slow_param"
+OUTER_MOMENTUM = "outer_momentum"  # the outer step's momentum buffer, in the slow dtype
 STEP = "step"  # a param group's steps since its last sync, kept with its first parameter
 RESTORES = "nonfinite_restores"  # likewise: the group's syncs that restored instead
 # Only in a state dict taken in evaluation mode, where the parameters hold the slow weights: the
@@ -148,7 +149,7 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
                 count = _count(value, where)
                 device = opt._counter_device(param) if name == STEP else param.device
                 converted[name] = torch.tensor(count, dtype=torch.int64, device=device)
-            elif name == SLOW_PARAM or name in SLOW_BUFFERS:
+            elif name in (SLOW_PARAM, OUTER_MOMENTUM, *SLOW_BUFFERS):
                 value = _weights(value, param, where)
                 dtype = opt._copies.dtype(group[SLOW_DTYPE], param, kept=value.dtype)
                 converted[name] = opt._copies.copy(value, dtype, param)

@@ -6,11 +6,13 @@ A sync sorts the pairs into buckets of one (device, slow dtype, fast dtype) once
 (:func:`bucket_pairs`), then makes one fused call per bucket (:func:`sync_buckets`), choosing the
 implementation from its arguments, never from where the tensors happen to be:
 
-* ``lookahead_update_``: the host knows the sync is due (the default);
-* ``lookahead_update_if_``: the sync is decided by flags on the device (``due``, ``restore``), as
-  CUDA graphs and compiled steps need;
-* ``offloaded_update_``: the slow weights live in host memory (``offload``), the fast ones on an
-  accelerator; the fast weights travel to the host in chunks.
+* ``lookahead_update_``: Lookahead's lerp (``momentum=0``), the host knowing the sync is due;
+* ``lookahead_momentum_update_``: the outer-momentum sync (SNOO) when ``momentum > 0`` and the
+  buckets carry momentum buffers;
+* their ``..._if_`` forms when the sync is decided by flags on the device (``due``, ``restore``),
+  as CUDA graphs and compiled steps need;
+* ``offloaded_update_`` around any of them when the slow tensors live in host memory
+  (``offload``) and the fast ones on an accelerator: the fast weights travel to the host in chunks.
 
 Devices without a kernel of ours run ATen one tensor at a time, inside the op. FSDP2's DTensors
 are synced through their local shards: a slow copy made from its parameter has the same
@@ -26,7 +28,7 @@ placements, so the shards pair up element by element and nothing is gathered. Ex
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,15 +36,23 @@ import torch
 
 from lookahead_cuda import _C
 from lookahead_cuda.offload import StagingBuffers, offloaded_update_
-from lookahead_cuda.ops import found_nonfinite_, lookahead_update_, lookahead_update_if_
+from lookahead_cuda.ops import (
+    found_nonfinite_,
+    lookahead_momentum_update_,
+    lookahead_momentum_update_if_,
+    lookahead_update_,
+    lookahead_update_if_,
+)
 
 __all__ = [
     "Bucket",
     "BucketKey",
     "bucket_pairs",
     "check_buckets",
+    "local",
     "lookahead_sync",
     "merge_buckets",
+    "mesh_group",
     "nonfinite_flag",
     "sync_buckets",
 ]
@@ -53,7 +63,8 @@ BucketKey = tuple[torch.device, torch.dtype, torch.dtype]
 
 @dataclass
 class Bucket:
-    """Pairs of one (device, slow dtype, fast dtype), as the local tensors the op updates.
+    """Pairs of one (device, slow dtype, fast dtype), as the local tensors the op updates, with the
+    outer momentum buffer of each pair when the sync has momentum (``None`` otherwise).
 
     ``names`` optionally says, for error messages, what each fast tensor is ("parameter 3 of
     param group 0"); a bucket without names is reported by list index.
@@ -61,15 +72,29 @@ class Bucket:
 
     slow: list[torch.Tensor] = field(default_factory=list)
     fast: list[torch.Tensor] = field(default_factory=list)
+    momentum: list[torch.Tensor] | None = None
     names: list[str] | None = None
 
-    def add(self, slow: torch.Tensor, fast: torch.Tensor, name: str | None = None) -> None:
+    def add(
+        self,
+        slow: torch.Tensor,
+        fast: torch.Tensor,
+        momentum: torch.Tensor | None = None,
+        name: str | None = None,
+    ) -> None:
         self.slow.append(slow)
         self.fast.append(fast)
+        if momentum is not None:
+            if self.momentum is None:
+                self.momentum = []
+            self.momentum.append(momentum)
         if name is not None:
             if self.names is None:
                 self.names = []
             self.names.append(name)
+
+    def name(self, i: int) -> str:
+        return self.names[i] if self.names else f"fast[{i}]"
 
 
 Buckets = dict[BucketKey, Bucket]
@@ -99,52 +124,68 @@ def mesh_group(tensors: Iterable[torch.Tensor]) -> Any:
 
 
 def bucket_pairs(
-    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], names: Iterable[str] | None = None
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    names: Iterable[str] | None = None,
+    momentum: Iterable[torch.Tensor] | None = None,
 ) -> Buckets:
     """The pairs ``(slow, fast)`` sorted into buckets keyed by (device of fast, slow dtype, fast
-    dtype), in order, each tensor replaced by its local shard; ``names`` name the fast tensors."""
+    dtype), in order, each tensor replaced by its local shard; ``names`` name the fast tensors,
+    ``momentum`` gives each pair's outer momentum buffer."""
     buckets: Buckets = {}
     named = iter(names) if names is not None else None
+    buffers = iter(momentum) if momentum is not None else None
     for slow, fast in pairs:
         slow, fast = local(slow), local(fast)
         key = (fast.device, slow.dtype, fast.dtype)
         bucket = buckets.get(key)
         if bucket is None:
             bucket = buckets[key] = Bucket()
-        bucket.add(slow, fast, None if named is None else next(named))
+        buffer = None if buffers is None else local(next(buffers))
+        bucket.add(slow, fast, buffer, None if named is None else next(named))
     return buckets
 
 
 def merge_buckets(many: Iterable[Buckets]) -> Buckets:
-    """Buckets of the same key joined, so that they sync in one call."""
+    """Buckets of the same key joined, so that they sync in one call. Buckets with momentum
+    buffers join only buckets with them."""
     merged: Buckets = {}
     for buckets in many:
         for key, bucket in buckets.items():
-            into = merged.get(key)
-            if into is None:
-                into = merged[key] = Bucket(names=[] if bucket.names is not None else None)
+            into = merged.setdefault(key, Bucket())
+            if into.fast and (into.momentum is None) != (bucket.momentum is None):
+                raise ValueError("merge_buckets: buckets with and without momentum buffers")
+            named = into.names is not None or bucket.names is not None
+            if named:
+                into.names = [into.name(i) for i in range(len(into.fast))] + [
+                    bucket.name(i) for i in range(len(bucket.fast))
+                ]
             into.slow.extend(bucket.slow)
             into.fast.extend(bucket.fast)
-            if into.names is not None:
-                into.names.extend(bucket.names or [f"fast[{i}]" for i in range(len(bucket.fast))])
+            if bucket.momentum is not None:
+                into.momentum = [*(into.momentum or []), *bucket.momentum]
     return merged
 
 
-def check_buckets(buckets: Buckets, alpha: float, *, offload: bool = False) -> None:
-    """Raise the error that syncing ``buckets`` would raise, before anything is written: so that a
-    sync over several buckets either runs them all or changes nothing. The error names tensors by
-    the buckets' ``names`` where they have them. ``offload``: the slow tensors are in host memory
-    and the fast ones on another device, so each pair is checked as the host will see it."""
+def check_buckets(
+    buckets: Buckets, alpha: float, *, momentum: float = 0.0, offload: bool = False
+) -> None:
+    """Raise the error that :func:`sync_buckets` would raise, before anything is written: so that
+    a sync over several buckets either runs them all or changes nothing. The error names tensors
+    by the buckets' ``names`` where they have them. ``offload``: the slow tensors are in host
+    memory and the fast ones on another device, so each pair is checked as the host will see it."""
     for bucket in buckets.values():
         if offload:
             _check_offloaded(bucket)
         else:
-            _C.check_lookahead_update(bucket.slow, bucket.fast, float(alpha), bucket.names or [])
+            buffers = bucket.momentum if momentum > 0 else None
+            _C.check_sync(
+                bucket.slow, bucket.fast, buffers, float(alpha), float(momentum), bucket.names or []
+            )
 
 
 def _check_offloaded(bucket: Bucket) -> None:
     for i, (slow, fast) in enumerate(zip(bucket.slow, bucket.fast)):
-        name = bucket.names[i] if bucket.names else f"fast[{i}]"
+        name = bucket.name(i)
         if slow.shape != fast.shape:
             raise ValueError(
                 f"offloaded_update_: the slow copy of {name} has shape {tuple(slow.shape)} but "
@@ -166,6 +207,8 @@ def sync_buckets(
     buckets: Buckets,
     alpha: float,
     *,
+    momentum: float = 0.0,
+    nesterov: bool = True,
     due: torch.Tensor | None = None,
     restore: torch.Tensor | None = None,
     offload: StagingBuffers | None = None,
@@ -174,13 +217,17 @@ def sync_buckets(
 
     Args:
         buckets: from :func:`bucket_pairs` (or :func:`merge_buckets`).
-        alpha: the slow-weights step size, in (0, 1].
+        alpha: the slow-weights step size (with momentum, the outer learning rate), in (0, 1].
+        momentum: the outer momentum coefficient, in [0, 1) (default: 0, Lookahead's lerp, bitwise
+            torch's; the buffers, if any, are then left as they are). With ``momentum > 0`` every
+            bucket must carry its buffers.
+        nesterov: Nesterov's outer momentum (the default), or heavy ball.
         due: ``None`` (the sync is due) or a one-element ``torch.bool`` tensor that decides it on
             the device.
         restore: ``None`` (never restore) or a one-element ``torch.bool`` tensor: where it holds
-            True, the fast weights restart from the slow ones, which stay as they are (the
-            divergence guard).
-        offload: the staging buffers of slow weights kept in host memory (their fast weights on
+            True, the fast weights restart from the slow ones, which stay as they are (with their
+            momentum): the divergence guard.
+        offload: the staging buffers of slow tensors kept in host memory (their fast tensors on
             another device); ``None`` when every slow copy lives beside its fast tensor.
 
     A call that fails validation raises ``ValueError``/``TypeError`` and changes its bucket in no
@@ -189,15 +236,76 @@ def sync_buckets(
     for (device, _, _), bucket in buckets.items():
         if not bucket.fast:
             continue
+        buffers = bucket.momentum if momentum > 0 else None
+        if momentum > 0 and buffers is None:
+            raise ValueError("sync_buckets: momentum > 0 needs every bucket's momentum buffers")
         if offload is not None:
-            offloaded_update_(bucket.slow, bucket.fast, alpha, due, restore, offload)
+            _sync_offloaded(bucket, buffers, alpha, momentum, nesterov, due, restore, offload)
         elif due is None and restore is None:
-            lookahead_update_(bucket.slow, bucket.fast, alpha)
+            if buffers is None:
+                lookahead_update_(bucket.slow, bucket.fast, alpha)
+            else:
+                lookahead_momentum_update_(
+                    bucket.slow, bucket.fast, buffers, alpha, momentum, nesterov
+                )
         else:
             gate = torch.ones((), dtype=torch.bool, device=device) if due is None else due
-            lookahead_update_if_(
-                bucket.slow, bucket.fast, alpha, gate.to(device), _on(device, restore)
+            gate, restore_here = gate.to(device), _on(device, restore)
+            if buffers is None:
+                lookahead_update_if_(bucket.slow, bucket.fast, alpha, gate, restore_here)
+            else:
+                lookahead_momentum_update_if_(
+                    bucket.slow,
+                    bucket.fast,
+                    buffers,
+                    alpha,
+                    momentum,
+                    nesterov,
+                    gate,
+                    restore_here,
+                )
+
+
+def _sync_offloaded(
+    bucket: Bucket,
+    buffers: list[torch.Tensor] | None,
+    alpha: float,
+    momentum: float,
+    nesterov: bool,
+    due: torch.Tensor | None,
+    restore: torch.Tensor | None,
+    staging: StagingBuffers,
+) -> None:
+    # The host runs the update, so it reads the flags: it waits for them here.
+    host = torch.device("cpu")
+    if due is not None and not bool(due.to(host)):
+        return
+    restoring = restore is not None and bool(restore.to(host))
+    update: Callable[[list[int], list[torch.Tensor]], None]
+    if restoring:
+
+        def update(indices: list[int], staged: list[torch.Tensor]) -> None:
+            for i, view in zip(indices, staged):
+                view.copy_(bucket.slow[i])
+
+    elif buffers is None:
+
+        def update(indices: list[int], staged: list[torch.Tensor]) -> None:
+            lookahead_update_([bucket.slow[i] for i in indices], staged, alpha)
+
+    else:
+
+        def update(indices: list[int], staged: list[torch.Tensor]) -> None:
+            lookahead_momentum_update_(
+                [bucket.slow[i] for i in indices],
+                staged,
+                [buffers[i] for i in indices],
+                alpha,
+                momentum,
+                nesterov,
             )
+
+    offloaded_update_(bucket.fast, update, staging)
 
 
 def nonfinite_flag(
@@ -234,20 +342,35 @@ def lookahead_sync(
     fast: Sequence[torch.Tensor],
     alpha: float,
     *,
+    momentum_buffers: Sequence[torch.Tensor] | None = None,
+    momentum: float = 0.0,
+    nesterov: bool = True,
     due: torch.Tensor | None = None,
     restore: torch.Tensor | None = None,
     offload: StagingBuffers | None = None,
 ) -> None:
     """Lookahead's sync of the pairs ``(slow[i], fast[i])``, of any devices and dtype pairs:
-    ``slow <- slow + alpha * (fast - slow); fast <- slow``, one fused call per (device, dtype pair).
-    The keyword arguments are those of :func:`sync_buckets`. All buckets are validated before the
-    first one is synced, so a rejected call changes nothing."""
-    if len(slow) != len(fast):
+    ``slow <- slow + alpha * (fast - slow); fast <- slow``, one fused call per (device, dtype pair);
+    with ``momentum > 0`` and ``momentum_buffers`` (one per pair, in the slow dtype, zeros at
+    first), the outer-momentum sync. The keyword arguments are those of :func:`sync_buckets`. All
+    buckets are validated before the first one is synced, so a rejected call changes nothing."""
+    if len(slow) != len(fast) or (
+        momentum_buffers is not None and len(momentum_buffers) != len(slow)
+    ):
         raise ValueError(
-            f"lookahead_sync: slow has {len(slow)} tensors but fast has {len(fast)}; the lists "
-            "pair up element by element"
+            f"lookahead_sync: slow has {len(slow)} tensors, fast {len(fast)}"
+            + ("" if momentum_buffers is None else f", momentum_buffers {len(momentum_buffers)}")
+            + "; the lists pair up element by element"
         )
-    buckets = bucket_pairs(zip(slow, fast))
+    buckets = bucket_pairs(zip(slow, fast), momentum=momentum_buffers)
     if (len(buckets) > 1 or offload is not None) and not torch.compiler.is_compiling():
-        check_buckets(buckets, alpha, offload=offload is not None)
-    sync_buckets(buckets, alpha, due=due, restore=restore, offload=offload)
+        check_buckets(buckets, alpha, momentum=momentum, offload=offload is not None)
+    sync_buckets(
+        buckets,
+        alpha,
+        momentum=momentum,
+        nesterov=nesterov,
+        due=due,
+        restore=restore,
+        offload=offload,
+    )

@@ -9,11 +9,9 @@ nothing extra.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-
-from lookahead_cuda.ops import lookahead_update_, lookahead_update_if_
 
 #: Bytes of fast weights per chunk: large enough that each transfer runs at full PCIe speed, small
 #: enough that the first chunk's wait and the last one's return are short next to the whole.
@@ -37,10 +35,12 @@ def _chunks(fast: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[list[int
 
 
 class StagingBuffers:
-    """Two reusable host buffers, pinned when the fast weights are on CUDA, grown as needed; one
-    set per optimizer, so that optimizers syncing from different threads do not share them."""
+    """Two reusable host buffers, pinned when the fast weights are on CUDA, grown as needed, and the
+    bytes of fast weights each chunk moves; one set per optimizer, so that optimizers syncing from
+    different threads do not share them."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.chunk_bytes = chunk_bytes
         self.buffers: list[torch.Tensor] = []
 
     def views(self, slot: int, tensors: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
@@ -60,29 +60,22 @@ class StagingBuffers:
 
 
 def offloaded_update_(
-    slow: Sequence[torch.Tensor],
     fast: Sequence[torch.Tensor],
-    alpha: float,
-    due: torch.Tensor | None = None,
-    restore: torch.Tensor | None = None,
+    update_chunk: Callable[[list[int], list[torch.Tensor]], None],
     staging: StagingBuffers | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
-    """:func:`~lookahead_cuda.lookahead_update_` (or, with flags, ``lookahead_update_if_``) for
-    slow weights on the CPU and fast weights of one dtype on another device (or the CPU): the path
-    of ``Lookahead(slow_device="cpu")``, chosen by that setting (lookahead_cuda/functional.py).
+    """Run a sync whose slow tensors live in host memory over fast tensors of one dtype on another
+    device (or the CPU): the path of ``Lookahead(slow_device="cpu")``, chosen by that setting
+    (lookahead_cuda/functional.py says which update runs on the host).
 
-    The host needs the flags' values to decide, so it waits for them here; it also waits for the
-    last chunk to come back, so the caller's stream sees the updated fast weights. Pass the same
-    ``staging`` to every call to reuse its pinned buffers.
+    ``update_chunk(indices, staged)`` runs the host-side update of the pairs at ``indices``, whose
+    fast tensors are ``staged`` (host copies, written back after it returns). The host waits for
+    the last chunk to come back, so the caller's stream sees the updated fast weights. Pass the
+    same ``staging`` to every call to reuse its pinned buffers.
     """
     if len(fast) == 0:
         return
     staging = staging or StagingBuffers()
-    host = torch.device("cpu")
-    if due is not None and not bool(due.to(host)):
-        return
-    restore = None if restore is None else restore.to(host)
     on_cuda = fast[0].device.type == "cuda"
     stream = torch.cuda.Stream(fast[0].device) if on_cuda else None
     if stream is not None:
@@ -103,11 +96,7 @@ def offloaded_update_(
         indices, staged, landed = in_flight[position]
         if landed is not None:
             landed.synchronize()
-        slows = [slow[i] for i in indices]
-        if due is None and restore is None:
-            lookahead_update_(slows, staged, alpha)
-        else:
-            lookahead_update_if_(slows, staged, alpha, torch.ones((), dtype=torch.bool), restore)
+        update_chunk(indices, staged)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for i, view in zip(indices, staged):
                 fast[i].copy_(view, non_blocking=on_cuda)
@@ -116,7 +105,7 @@ def offloaded_update_(
     # the stream has sent its previous chunk up (the copies are ordered on the one stream). The
     # side stream is joined however the loop ends, so that no copy of a failed call is still in
     # flight when the caller goes on (or retries).
-    chunks = list(_chunks(fast, chunk_bytes))
+    chunks = list(_chunks(fast, staging.chunk_bytes))
     try:
         send_down(chunks[0])
         for position in range(len(chunks)):

@@ -1,5 +1,6 @@
-"""Python face of the compiled ops ``torch.ops.lookahead_cuda.*``: ``lookahead_update_``, its
-device-gated form ``lookahead_update_if_``, and ``found_nonfinite_``.
+"""Python face of the compiled ops ``torch.ops.lookahead_cuda.*``: ``lookahead_update_`` and the
+outer-momentum ``lookahead_momentum_update_``, their device-gated forms (``..._if_``), and
+``found_nonfinite_``.
 
 Every backend is compiled (csrc/): the CPU and CUDA kernels, ATen one tensor at a time for other
 devices, and validation alone for meta tensors, which is what torch.compile traces with. The
@@ -44,9 +45,14 @@ def _check_tensors(op: str, name: str, tensors: Any) -> None:
             raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
 
 
-def _check_alpha(op: str, alpha: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"{op}: alpha must be a float, got {type(alpha).__name__}")
+def _check_number(op: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+
+
+def _check_bool(op: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__}")
 
 
 def _check_flag(op: str, name: str, flag: Any, optional: bool) -> None:
@@ -101,7 +107,7 @@ def lookahead_update_(
     def check() -> None:
         _check_tensors("lookahead_update_", "slow", slow)
         _check_tensors("lookahead_update_", "fast", fast)
-        _check_alpha("lookahead_update_", alpha)
+        _check_number("lookahead_update_", "alpha", alpha)
 
     _call(
         _C.try_lookahead_update_,
@@ -136,7 +142,7 @@ def lookahead_update_if_(
     def check() -> None:
         _check_tensors("lookahead_update_if_", "slow", slow)
         _check_tensors("lookahead_update_if_", "fast", fast)
-        _check_alpha("lookahead_update_if_", alpha)
+        _check_number("lookahead_update_if_", "alpha", alpha)
         _check_flag("lookahead_update_if_", "due", due, optional=False)
         _check_flag("lookahead_update_if_", "restore", restore, optional=True)
 
@@ -147,6 +153,94 @@ def lookahead_update_if_(
         slow,
         fast,
         alpha,
+        due,
+        restore,
+    )
+
+
+def lookahead_momentum_update_(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    momentum: Sequence[torch.Tensor],
+    lr: float,
+    mu: float,
+    nesterov: bool = True,
+) -> None:
+    """The outer-momentum sync (SNOO, and DiLoCo's outer step), in place, for every triple
+    ``(slow[i], fast[i], momentum[i])``, with the pseudo-gradient ``d = slow - fast``::
+
+        momentum <- mu * momentum + d
+        slow <- slow - lr * (d + mu * momentum)     # nesterov=True
+        slow <- slow - lr * momentum                # nesterov=False (heavy ball)
+        fast <- slow
+
+    One fused pass (three reads, three writes per element) in the slow dtype's math type, each
+    multiply-add rounded once (on the CPU where it has FMA), so the CPU and CUDA kernels agree;
+    the buffer is stored in the slow dtype. ``mu = 0`` is Lookahead's update with ``alpha = lr``
+    up to rounding: for that, :func:`lookahead_update_` is bitwise torch's.
+
+    Args:
+        slow, fast: as for :func:`lookahead_update_`.
+        momentum: the outer momentum buffers, in the slow dtype, one per pair (zeros at first).
+        lr: the outer learning rate, in (0, 1].
+        mu: the momentum coefficient, in [0, 1).
+        nesterov: Nesterov's form (the default) or heavy ball.
+    """
+
+    def check() -> None:
+        for name, tensors in (("slow", slow), ("fast", fast), ("momentum", momentum)):
+            _check_tensors("lookahead_momentum_update_", name, tensors)
+        _check_number("lookahead_momentum_update_", "lr", lr)
+        _check_number("lookahead_momentum_update_", "mu", mu)
+        _check_bool("lookahead_momentum_update_", "nesterov", nesterov)
+
+    _call(
+        _C.try_lookahead_momentum_update_,
+        torch.ops.lookahead_cuda.lookahead_momentum_update_,
+        check,
+        slow,
+        fast,
+        momentum,
+        lr,
+        mu,
+        nesterov,
+    )
+
+
+def lookahead_momentum_update_if_(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    momentum: Sequence[torch.Tensor],
+    lr: float,
+    mu: float,
+    nesterov: bool,
+    due: torch.Tensor,
+    restore: torch.Tensor | None = None,
+) -> None:
+    """:func:`lookahead_momentum_update_` decided on the device, as :func:`lookahead_update_if_`
+    decides the plain sync: nothing unless ``due``; with ``restore``, ``fast <- slow`` with the
+    slow weights and the momentum as they are."""
+
+    def check() -> None:
+        op = "lookahead_momentum_update_if_"
+        for name, tensors in (("slow", slow), ("fast", fast), ("momentum", momentum)):
+            _check_tensors(op, name, tensors)
+        _check_number(op, "lr", lr)
+        _check_number(op, "mu", mu)
+        _check_bool(op, "nesterov", nesterov)
+        _check_flag(op, "due", due, optional=False)
+        _check_flag(op, "restore", restore, optional=True)
+
+    _call(
+        _C.try_lookahead_momentum_update_if_,
+        torch.ops.lookahead_cuda.lookahead_momentum_update_if_,
+        check,
+        slow,
+        fast,
+        momentum,
+        lr,
+        mu,
+        nesterov,
         due,
         restore,
     )
@@ -185,3 +279,26 @@ def foreach_update_(
     fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
     torch._foreach_lerp_(list(slow), fast_as_slow, alpha)
     torch._foreach_copy_(list(fast), list(slow))
+
+
+def foreach_momentum_update_(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    momentum: Sequence[torch.Tensor],
+    lr: float,
+    mu: float,
+    nesterov: bool = True,
+) -> None:
+    """The outer-momentum sync with torch's foreach ops, in the slow dtype (rounded per
+    operation, not bitwise :func:`lookahead_momentum_update_`): the benchmark's baseline."""
+    slow, momentum = list(slow), list(momentum)
+    fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
+    pseudo_gradient = torch._foreach_sub(slow, fast_as_slow)
+    torch._foreach_mul_(momentum, mu)
+    torch._foreach_add_(momentum, pseudo_gradient)
+    if nesterov:
+        torch._foreach_add_(pseudo_gradient, momentum, alpha=mu)
+        torch._foreach_add_(slow, pseudo_gradient, alpha=-lr)
+    else:
+        torch._foreach_add_(slow, momentum, alpha=-lr)
+    torch._foreach_copy_(list(fast), slow)

@@ -25,6 +25,9 @@ from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS
 from lookahead_cuda.settings import (
     ALPHA,
     INNER_STATE,
+    KEYS,
+    MOMENTUM,
+    NESTEROV,
     NONFINITE,
     SLOW_DTYPE,
     GroupSetting,
@@ -34,6 +37,7 @@ from lookahead_cuda.settings import (
 from lookahead_cuda.slow_copies import SlowCopies
 
 SLOW_PARAM = checkpoint.SLOW_PARAM
+OUTER_MOMENTUM = checkpoint.OUTER_MOMENTUM
 STEP = checkpoint.STEP
 RESTORES = checkpoint.RESTORES
 
@@ -41,15 +45,21 @@ RESTORES = checkpoint.RESTORES
 @dataclass
 class _GroupPlan:
     """What the syncs of a param group holding exactly ``params`` need, built when that set of
-    tensors is first stepped: the (slow weights, parameter) buckets, and the process group of
-    FSDP2's mesh when the parameters are DTensors (None otherwise)."""
+    tensors is first stepped: the (slow weights, parameter) buckets, with the outer momentum
+    buffers when the group has momentum, and the process group of FSDP2's mesh when the parameters
+    are DTensors (None otherwise)."""
 
     params: tuple[torch.Tensor, ...]
     weights: functional.Buckets
+    with_momentum: bool
     sharded_over: Any
 
-    def holds(self, params: list[torch.Tensor]) -> bool:
-        return len(self.params) == len(params) and all(map(operator.is_, self.params, params))
+    def holds(self, params: list[torch.Tensor], with_momentum: bool) -> bool:
+        return (
+            self.with_momentum == with_momentum
+            and len(self.params) == len(params)
+            and all(map(operator.is_, self.params, params))
+        )
 
     def moved(self, copies: SlowCopies) -> bool:
         """Whether a bucket's tensors are no longer where it was built (``model.to(...)``)."""
@@ -119,11 +129,25 @@ class Lookahead(Optimizer):
             weights to the host in chunks, updates them there with the CPU kernel and sends them
             back, transfers overlapped with the kernel; the host waits for it. Not with
             ``capturable`` (default: None).
+        momentum (float, optional): the outer momentum, in [0, 1) (default: 0). Above 0 the sync
+            is SNOO's outer step (Kallusky et al., 2025; DiLoCo's, without the averaging over
+            workers) on the pseudo-gradient ``d = slow - fast``, with ``alpha`` its outer learning
+            rate::
 
-    ``k``, ``alpha``, ``inner_state``, ``slow_dtype`` and ``nonfinite`` are stored in every param
-    group as ``lookahead_k``, ``lookahead_alpha``, ``lookahead_inner_state``,
-    ``lookahead_slow_dtype`` and ``lookahead_nonfinite``; set them per group there, or for all
-    groups through the attributes of the same names. The step count since the last slow update is
+                b <- momentum * b + d
+                slow <- slow - alpha * (d + momentum * b)    # nesterov=True
+                slow <- slow - alpha * b                     # nesterov=False (heavy ball)
+                fast <- slow
+
+            in one fused pass; ``b`` is one more tensor per parameter in the slow dtype (beside the
+            slow weights, in host memory too with ``slow_device="cpu"``), created the first time
+            a group syncs with momentum. 0 is Lookahead's update, bitwise.
+        nesterov (bool, optional): Nesterov's outer momentum, or heavy ball (default: True).
+
+    ``k``, ``alpha``, ``inner_state``, ``slow_dtype``, ``nonfinite``, ``momentum`` and
+    ``nesterov`` are stored in every param group as ``lookahead_k``, ``lookahead_alpha``, ...,
+    ``lookahead_nesterov``; set them per group there, or for all groups through the attributes of
+    the same names. The step count since the last slow update is
     an integer tensor in :attr:`lookahead_state`, kept with the group's first parameter as
     torch.optim keeps ``step``, so ``torch.compile`` does not recompile as it advances (inside a
     compiled step, syncs are decided on the device as with ``capturable``). A group's parameters
@@ -146,6 +170,8 @@ class Lookahead(Optimizer):
         nonfinite: str = "propagate",
         capturable: bool = False,
         slow_device: str | torch.device | None = None,
+        momentum: float = 0.0,
+        nesterov: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -159,6 +185,8 @@ class Lookahead(Optimizer):
             INNER_STATE: inner_state,
             SLOW_DTYPE: slow_dtype,
             NONFINITE: nonfinite,
+            MOMENTUM: momentum,
+            NESTEROV: nesterov,
         }
         check_settings(settings, "Lookahead()", optimizer)
         if not isinstance(capturable, bool):
@@ -182,9 +210,9 @@ class Lookahead(Optimizer):
         self._copies = SlowCopies(self.slow_device)
         self._staging = StagingBuffers()
         self._initial_inner_state = InitialInnerState(optimizer)
-        #: Lookahead's own per-parameter state: ``slow_param``, the pullback buffers' slow copies
-        #: (``slow_exp_avg``, ...), and in each group's first parameter the ``step`` counter (and
-        #: with ``nonfinite="restore"``, the ``nonfinite_restores`` count).
+        #: Lookahead's own per-parameter state: ``slow_param``, ``outer_momentum``, the pullback
+        #: buffers' slow copies (``slow_exp_avg``, ...), and in each group's first parameter the
+        #: ``step`` counter (and with ``nonfinite="restore"``, the ``nonfinite_restores`` count).
         self.lookahead_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
         # Keyed by (group index, id of its first parameter, its length); see _plan.
         self._plans: dict[tuple[int, int, int], _GroupPlan] = {}
@@ -228,8 +256,7 @@ class Lookahead(Optimizer):
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         settings = ", ".join(
-            f"{key.removeprefix('lookahead_')}={self.defaults[key]!r}"
-            for key in (K, ALPHA, INNER_STATE, SLOW_DTYPE, NONFINITE)
+            f"{key.removeprefix('lookahead_')}={self.defaults[key]!r}" for key in KEYS
         )
         return (
             f"Lookahead({settings}, capturable={self.capturable}, "
@@ -247,6 +274,8 @@ class Lookahead(Optimizer):
         SLOW_DTYPE, "Dtype of slow weights taken from now on (None: each parameter's own)."
     )
     nonfinite = GroupSetting(NONFINITE, "What a slow update does with non-finite fast weights.")
+    momentum = GroupSetting(MOMENTUM, "Outer momentum in [0, 1) (0: Lookahead).")
+    nesterov = GroupSetting(NESTEROV, "Nesterov's outer momentum (True) or heavy ball (False).")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer; Lookahead settings the group does not name
@@ -254,7 +283,7 @@ class Lookahead(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         check_settings({**self.defaults, **param_group}, "the new param group", self.optimizer)
-        for key in (K, ALPHA, INNER_STATE, SLOW_DTYPE, NONFINITE):
+        for key in KEYS:
             param_group.setdefault(key, self.defaults[key])
         if not self._adopting:
             self.optimizer.add_param_group(param_group)
@@ -337,7 +366,7 @@ class Lookahead(Optimizer):
         params = group["params"]
         key = (index, id(params[0]), len(params))
         plan = self._plans.get(key)
-        if plan is None or not plan.holds(params):
+        if plan is None or not plan.holds(params, group[MOMENTUM] > 0):
             plan = self._make_plan(index, group)
             self._plans[key] = plan
         return plan
@@ -355,9 +384,15 @@ class Lookahead(Optimizer):
                         + ", ".join(f"({a}, {b})" for a, b in SUPPORTED_DTYPE_PAIRS)
                     )
                 missing.append((param, dtype))
+        with_momentum = group[MOMENTUM] > 0
         with torch.no_grad():
             for param, dtype in missing:
                 self.lookahead_state[param][SLOW_PARAM] = self._copies.copy(param, dtype, param)
+            if with_momentum:
+                for param in params:
+                    ours = self.lookahead_state[param]
+                    if OUTER_MOMENTUM not in ours:
+                        ours[OUTER_MOMENTUM] = torch.zeros_like(ours[SLOW_PARAM])
             first = self.lookahead_state[params[0]]
             if STEP not in first:
                 first[STEP] = torch.zeros(
@@ -370,7 +405,11 @@ class Lookahead(Optimizer):
             functional.bucket_pairs(
                 ((self.lookahead_state[p][SLOW_PARAM], p) for p in params),
                 (_name(index, j) for j in range(len(params))),
+                (self.lookahead_state[p][OUTER_MOMENTUM] for p in params)
+                if with_momentum
+                else None,
             ),
+            with_momentum,
             functional.mesh_group(params),
         )
 
@@ -404,7 +443,9 @@ class Lookahead(Optimizer):
         offload = self.slow_device is not None
         try:
             for _, group, plan in checked:
-                functional.check_buckets(plan.weights, group[ALPHA], offload=offload)
+                functional.check_buckets(
+                    plan.weights, group[ALPHA], momentum=group[MOMENTUM], offload=offload
+                )
         except (TypeError, ValueError):
             # A partly moved model (one submodule moved) shows only here.
             if not self._follow_parameters():
@@ -412,7 +453,9 @@ class Lookahead(Optimizer):
             plans = [(i, group, self._plan(i, group)) for i, group, _ in plans]
             for _, group, plan in plans:
                 if may_sync(group):
-                    functional.check_buckets(plan.weights, group[ALPHA], offload=offload)
+                    functional.check_buckets(
+                        plan.weights, group[ALPHA], momentum=group[MOMENTUM], offload=offload
+                    )
         return plans
 
     def _count_step(
@@ -469,28 +512,45 @@ class Lookahead(Optimizer):
     def _sync(self, plans: list[tuple[int, dict[str, Any], _GroupPlan]], gated: bool) -> None:
         """The slow update of each group of ``plans`` (gated=False: the host knows they are due),
         or of each one whose counter has reached k, decided on the device (gated=True). Groups
-        synced unconditionally share one call per (alpha, device, dtype pair)."""
+        synced unconditionally share one call per (alpha, momentum, device, dtype pair)."""
         offload = self._staging if self.slow_device is not None else None
-        unconditional: dict[float, list[functional.Buckets]] = {}
+        # (alpha, momentum, nesterov) -> the buckets synced with them, unconditionally
+        unconditional: dict[tuple[float, float, bool], list[functional.Buckets]] = {}
         flags = []
         for index, group, plan in plans:
             device = group["params"][0].device
             due = self._counter(group) >= group[K] if gated else None
-            buckets = plan.weights
-            if group[INNER_STATE] == "pullback":
-                buckets = functional.merge_buckets([buckets, self._pullback_buckets(index, group)])
             restore = None
             if group[NONFINITE] == "restore":
                 restore = functional.nonfinite_flag(plan.weights, device, due, plan.sharded_over)
-            if due is None and restore is None:
-                unconditional.setdefault(group[ALPHA], []).append(buckets)
-            else:
-                functional.sync_buckets(
-                    buckets, group[ALPHA], due=due, restore=restore, offload=offload
-                )
+            momentum = group[MOMENTUM]
+            calls = [((group[ALPHA], momentum, group[NESTEROV] or momentum == 0), plan.weights)]
+            if group[INNER_STATE] == "pullback":
+                # First moments have no outer momentum of their own: they are interpolated with
+                # alpha whatever the weights' outer step is.
+                calls.append(((group[ALPHA], 0.0, True), self._pullback_buckets(index, group)))
+            for (alpha, mu, nesterov), buckets in calls:
+                if due is None and restore is None:
+                    unconditional.setdefault((alpha, mu, nesterov), []).append(buckets)
+                else:
+                    functional.sync_buckets(
+                        buckets,
+                        alpha,
+                        momentum=mu,
+                        nesterov=nesterov,
+                        due=due,
+                        restore=restore,
+                        offload=offload,
+                    )
             flags.append((group, due, restore))
-        for alpha, many in unconditional.items():
-            functional.sync_buckets(functional.merge_buckets(many), alpha, offload=offload)
+        for (alpha, mu, nesterov), many in unconditional.items():
+            functional.sync_buckets(
+                functional.merge_buckets(many),
+                alpha,
+                momentum=mu,
+                nesterov=nesterov,
+                offload=offload,
+            )
         for group, due, restore in flags:
             counter = self._counter(group)
             if due is None:

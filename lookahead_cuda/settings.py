@@ -21,7 +21,9 @@ ALPHA = "lookahead_alpha"
 INNER_STATE = "lookahead_inner_state"
 SLOW_DTYPE = "lookahead_slow_dtype"
 NONFINITE = "lookahead_nonfinite"
-KEYS = (K, ALPHA, INNER_STATE, SLOW_DTYPE, NONFINITE)
+MOMENTUM = "lookahead_momentum"
+NESTEROV = "lookahead_nesterov"
+KEYS = (K, ALPHA, INNER_STATE, SLOW_DTYPE, NONFINITE, MOMENTUM, NESTEROV)
 
 INNER_STATE_MODES = ("keep", "reset", "pullback")
 NONFINITE_MODES = ("propagate", "restore")
@@ -45,9 +47,29 @@ def check_settings(
     k = settings[K]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"Invalid k in {where}: {k!r}; expected an integer >= 1")
+    momentum = settings[MOMENTUM]
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0.0 <= momentum < 1.0
+    ):
+        raise ValueError(
+            f"Invalid momentum in {where}: {momentum!r}; expected a number in [0, 1) (the outer "
+            "momentum: 0 is Lookahead, DiLoCo and SNOO use 0.9)"
+        )
+    if not isinstance(settings[NESTEROV], bool):
+        raise ValueError(
+            f"Invalid nesterov in {where}: {settings[NESTEROV]!r}; expected True or False"
+        )
     alpha = settings[ALPHA]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
-        raise ValueError(f"Invalid alpha in {where}: {alpha!r}; expected a number in (0, 1]")
+        meaning = (
+            "the outer learning rate, a number in (0, 1]: DiLoCo uses 0.7 with momentum 0.9, and "
+            "above 1 the outer step would overshoot the fast weights"
+            if momentum > 0
+            else "a number in (0, 1]"
+        )
+        raise ValueError(f"Invalid alpha in {where}: {alpha!r}; expected {meaning}")
     inner_state = settings[INNER_STATE]
     if inner_state not in INNER_STATE_MODES:
         raise ValueError(

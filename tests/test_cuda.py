@@ -344,7 +344,8 @@ def test_bench_step_times_with_and_without_a_cuda_graph(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_slow_weights_in_host_memory(dtype):
-    from lookahead_cuda.offload import offloaded_update_
+    from lookahead_cuda import functional
+    from lookahead_cuda.offload import StagingBuffers
 
     slow_dtype = torch.float32 if dtype == torch.bfloat16 else None
     data = [(x.cuda().to(dtype), y.cuda()) for x, y in batches(9, dtype)]
@@ -374,6 +375,7 @@ def test_slow_weights_in_host_memory(dtype):
     fast = [torch.randn(n, device="cuda") for n in [70001, 3, 1 << 20, 5]]
     slow_ref, fast_ref = [s.cuda() for s in slow], [f.clone() for f in fast]
     reference_update_(slow_ref, fast_ref, 0.5)
-    offloaded_update_(slow, fast, 0.5, chunk_bytes=1 << 16)
+    buckets = functional.bucket_pairs(zip(slow, fast))
+    functional.sync_buckets(buckets, 0.5, offload=StagingBuffers(chunk_bytes=1 << 16))
     for got, want in zip(slow + fast, slow_ref + fast_ref):
         assert torch.equal(got.cuda(), want)

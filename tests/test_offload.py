@@ -8,7 +8,7 @@ from conftest import DTYPE_PAIRS, reference_update_
 from test_lookahead import assert_same_weights, batches, make_model, train
 
 from lookahead_cuda import Lookahead, functional
-from lookahead_cuda.offload import StagingBuffers, _chunks, offloaded_update_
+from lookahead_cuda.offload import StagingBuffers, _chunks
 
 SIZES = [5000, 3, 70001, 1, 0, 4096, 12345]
 
@@ -29,13 +29,19 @@ def test_chunks_cover_every_tensor_once_in_order():
     assert len(chunks) > 2
 
 
+def offloaded(slow, fast, alpha, chunk_bytes, **flags):
+    """The sync with its slow weights in host memory, as functional.sync_buckets runs it."""
+    buckets = functional.bucket_pairs(zip(slow, fast))
+    functional.sync_buckets(buckets, alpha, offload=StagingBuffers(chunk_bytes), **flags)
+
+
 @pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize("chunk_bytes", [1, 40000, 1 << 30])
 def test_offloaded_update_is_the_update(slow_dtype, fast_dtype, chunk_bytes):
     slow, fast = random_pairs(slow_dtype, fast_dtype)
     slow_ref, fast_ref = [s.clone() for s in slow], [f.clone() for f in fast]
     reference_update_(slow_ref, fast_ref, 0.3)
-    offloaded_update_(slow, fast, 0.3, chunk_bytes=chunk_bytes)
+    offloaded(slow, fast, 0.3, chunk_bytes)
     for got, want in zip(slow + fast, slow_ref + fast_ref):
         assert torch.equal(got, want)
 
@@ -45,7 +51,7 @@ def test_offloaded_update_is_the_update(slow_dtype, fast_dtype, chunk_bytes):
 def test_offloaded_update_with_flags(due, restore):
     slow, fast = random_pairs(torch.float32, torch.bfloat16)
     slow_before, fast_before = [s.clone() for s in slow], [f.clone() for f in fast]
-    offloaded_update_(slow, fast, 0.5, torch.tensor(due), torch.tensor(restore), chunk_bytes=40000)
+    offloaded(slow, fast, 0.5, 40000, due=torch.tensor(due), restore=torch.tensor(restore))
     if not due:
         want_slow, want_fast = slow_before, fast_before
     elif restore:

@@ -24,13 +24,13 @@ bool any_nonfinite(const T* __restrict__ x, int64_t n) {
 
 void found_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found,
                          const std::optional<at::Tensor>& due) {
-  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatTensor>& flat) {
+  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatItem>& flat) {
     if (due && !due->item<bool>()) return;
     std::atomic<bool> bad{false};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
                                     "found_nonfinite_", [&] {
       parallel_over(flat, [&](size_t t, int64_t offset, int64_t n) {
-        if (any_nonfinite(static_cast<const scalar_t*>(flat[t].data) + offset, n)) {
+        if (any_nonfinite(static_cast<const scalar_t*>(flat[t].data[0]) + offset, n)) {
           bad.store(true, std::memory_order_relaxed);
         }
       });

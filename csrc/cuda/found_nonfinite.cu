@@ -38,12 +38,10 @@ struct FindNonfiniteOp : mta::ElementwiseOp {
 
 void found_nonfinite_cuda(at::TensorList tensors, const at::Tensor& found,
                           const std::optional<at::Tensor>& due) {
-  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatTensor>& flat) {
+  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatItem>& flat) {
     const c10::cuda::CUDAGuard device_guard(found.device());
     const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-    const auto addresses = [](const FlatTensor& x) {
-      return std::array<void*, 1>{const_cast<void*>(x.data)};
-    };
+    const auto addresses = [](const FlatItem& x) { return std::array<void*, 1>{x.data[0]}; };
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
                                     "found_nonfinite_", [&] {
       const FindNonfiniteOp<scalar_t> op{{}, due ? due->data_ptr<bool>() : nullptr,
