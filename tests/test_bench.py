@@ -12,7 +12,7 @@ from lookahead_cuda.bench import sync
 from lookahead_cuda.bench.cli import main, parse_args
 from lookahead_cuda.bench.config import BenchConfig
 from lookahead_cuda.bench.floor import CACHE_LINE, FloorCopy, floor_buffers, floor_copy
-from lookahead_cuda.bench.impls import IMPLEMENTATIONS, Implementation
+from lookahead_cuda.bench.impls import IMPLEMENTATIONS, Implementation, Sync
 from lookahead_cuda.bench.presets import PRESETS, custom_preset
 from lookahead_cuda.bench.timing import Timing, iqr_over_median
 from lookahead_cuda.bench.workload import Workload
@@ -33,6 +33,7 @@ CPU = torch.device("cpu")
         (["--device", "nonsense"], "--device"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--e2e", "--misaligned"], "--misaligned places the sync benchmark's tensors"),
+        (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -140,20 +141,20 @@ def _config(**changes) -> BenchConfig:
 def test_check_against_torch_sees_the_timed_placement(monkeypatch, misaligned):
     pointers = []
 
-    def spy(lists, alpha):
+    def spy(lists, settings):
         pointers.extend(t.data_ptr() for ts in lists for t in ts)
-        IMPLEMENTATIONS["fused"].update(lists, alpha)
+        IMPLEMENTATIONS["fused"].update(lists, settings)
 
     monkeypatch.setitem(IMPLEMENTATIONS, "spy", Implementation(spy, bitwise=True))
     workload = Workload(custom_preset(3, 1000), (torch.float32,) * 2, CPU, misaligned)
-    sync.check_against_torch(workload, ["spy"], 0.5)
+    sync.check_against_torch(workload, ["spy"], Sync(0.5))
     assert len(pointers) == 6
     assert all((p % 16 != 0) == misaligned for p in pointers)
 
 
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_check_against_torch_catches_a_wrong_implementation(monkeypatch, misaligned):
-    def wrong(lists, alpha):
+    def wrong(lists, settings):
         slow, fast = lists
         for s, f in zip(slow, fast):
             s.copy_(f)
@@ -161,7 +162,7 @@ def test_check_against_torch_catches_a_wrong_implementation(monkeypatch, misalig
     monkeypatch.setitem(IMPLEMENTATIONS, "wrong", Implementation(wrong, bitwise=False))
     workload = Workload(custom_preset(2, 100), (torch.float32,) * 2, CPU, misaligned)
     with pytest.raises(AssertionError, match="wrong disagrees with torch"):
-        sync.check_against_torch(workload, ["wrong"], 0.5)
+        sync.check_against_torch(workload, ["wrong"], Sync(0.5))
 
 
 def test_floor_rotates_through_as_many_copies_as_the_tensors(monkeypatch):
@@ -275,10 +276,38 @@ def test_end_to_end_mode(tmp_path, capsys):
         str(out),
     ]
     assert main(argv) == 0
-    assert "AdamW(fused=True)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "AdamW(fused=True)" in printed and "+SNOO ms" in printed
     rows = json.loads(out.read_text())["e2e"]
     assert [r["optimizer"] for r in rows] == ["AdamW(foreach=True)", "AdamW(fused=True)"]
-    assert all(r["step_ms"] > 0 and r["k"] == 2 for r in rows)
+    assert all(r["step_ms"] > 0 and r["snoo_step_ms"] > 0 and r["k"] == 2 for r in rows)
+    assert all(r["momentum"] == 0.9 for r in rows)
+
+
+def test_the_outer_momentum_sync_has_three_lists_and_six_passes(tmp_path):
+    config = _config(momentum=0.9)
+    assert config.list_dtypes == (torch.float32,) * 3
+    workload = Workload.of(config.presets[0], config)
+    assert workload.bytes_per_element == 12 and workload.traffic_bytes == 24 * workload.numel
+    out = tmp_path / "snoo.json"
+    argv = ["--device", "cpu", "--tensors", "3", "--numel", "3000", "--reps", "2", "--momentum"]
+    assert main([*argv, "0.9", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["momentum"] == 0.9
+    assert [r["impl"] for r in report["results"]] == ["fused", "foreach", "loop", "floor"]
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_every_momentum_implementation_is_checked_against_the_papers_update(impl, monkeypatch):
+    workload = Workload(custom_preset(3, 777), (torch.float32,) * 3, CPU)
+    sync.check_against_torch(workload, [impl], Sync(0.7, 0.9))
+
+    def lerp_only(lists, settings):
+        IMPLEMENTATIONS[impl].update(lists[:2], Sync(settings.alpha))
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "lerp-only", Implementation(lerp_only, bitwise=False))
+    with pytest.raises(AssertionError, match="lerp-only disagrees"):
+        sync.check_against_torch(workload, ["lerp-only"], Sync(0.7, 0.9))
 
 
 def test_plot(tmp_path):

@@ -65,7 +65,20 @@ def _parser() -> argparse.ArgumentParser:
         default=list(IMPLEMENTATIONS),
         help="implementations to time (the floor is always timed with them)",
     )
-    parser.add_argument("--alpha", type=float, default=0.5, help="slow-weights step size")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="slow-weights step size (with --momentum, the outer learning rate)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=0.0,
+        help="outer momentum: above 0 the sync is SNOO's Nesterov step on the pseudo-gradient, "
+        "over a third list of buffers (6 passes over memory, not 4); with --e2e, the momentum of "
+        "the SNOO rows (0: 0.9)",
+    )
     parser.add_argument(
         "--reps",
         type=int,
@@ -114,6 +127,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         parser.error("--k must be at least 1")
     if not 0.0 < args.alpha <= 1.0:
         parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
+    if not 0.0 <= args.momentum < 1.0:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if args.misaligned and args.e2e:
         parser.error("--misaligned places the sync benchmark's tensors; --e2e times a model's own")
     try:
@@ -166,6 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         threads=args.threads,
         e2e=args.e2e,
         k=args.k,
+        momentum=args.momentum,
         misaligned=args.misaligned,
         json_path=args.json,
         plot_path=args.plot,
@@ -187,11 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "alpha": config.alpha,
+        "momentum": config.momentum,
         "reps": config.reps,
         "misaligned": config.misaligned,
         "results": [],
     }
-    print(f"lookahead-bench on {device_text}, torch {torch.__version__}, alpha {config.alpha}")
+    sync_text = f"alpha {config.alpha}" + (
+        f", outer momentum {config.momentum} (SNOO)" if config.momentum > 0 else ""
+    )
+    print(f"lookahead-bench on {device_text}, torch {torch.__version__}, {sync_text}")
     with torch.no_grad():
         if config.e2e:
             steps = e2e.run(config, progress)

@@ -36,6 +36,8 @@ class BenchConfig:
     threads: int | None
     e2e: bool
     k: int
+    #: The outer momentum of the timed sync (0: Lookahead's lerp; above: SNOO's outer step).
+    momentum: float
     misaligned: bool
     json_path: str | None
     plot_path: str | None
@@ -43,5 +45,8 @@ class BenchConfig:
     @property
     def list_dtypes(self) -> tuple[torch.dtype, ...]:
         """The dtype of each tensor list a sync updates, in the order the implementations take
-        them: how many lists a workload has, and (with the shapes) how many bytes it moves."""
+        them: how many lists a workload has, and (with the shapes) how many bytes it moves. With
+        momentum, the buffers are a third list in the slow dtype."""
+        if self.momentum > 0:
+            return (self.slow_dtype, self.fast_dtype, self.slow_dtype)
         return (self.slow_dtype, self.fast_dtype)

@@ -1,5 +1,5 @@
-"""The end-to-end benchmark (``--e2e``): an AdamW step with and without Lookahead around it, the
-sync amortized over Lookahead's k steps."""
+"""The end-to-end benchmark (``--e2e``): an AdamW step alone, inside Lookahead, and inside SNOO
+(Lookahead with outer momentum), the sync amortized over the k steps between two syncs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from lookahead_cuda.bench.config import BenchConfig
 from lookahead_cuda.bench.presets import Preset
 from lookahead_cuda.bench.timing import measure_interleaved
 
+# The outer momentum of the SNOO rows when --momentum does not give one: DiLoCo's and SNOO's.
+DEFAULT_MOMENTUM = 0.9
+
 
 @dataclass
 class StepResult:
@@ -24,6 +27,10 @@ class StepResult:
     lookahead_step_ms: float
     overhead_ms: float
     overhead_pct: float
+    momentum: float
+    snoo_step_ms: float
+    snoo_overhead_ms: float
+    snoo_overhead_pct: float
 
 
 def run(config: BenchConfig, progress: Callable[[str], None]) -> list[StepResult]:
@@ -50,9 +57,10 @@ def _replayed(step: Callable[[], Any]) -> Callable[[], None]:
 def bench_step(
     preset: Preset, config: BenchConfig, progress: Callable[[str], None]
 ) -> list[StepResult]:
-    """AdamW's step time with and without Lookahead around it, Lookahead amortized over k steps
-    (k - 1 plain steps and one that syncs). On CUDA also with capturable AdamW and Lookahead, run
-    eagerly and replayed from a CUDA graph of one step (the sync decided on the device)."""
+    """AdamW's step time alone, inside Lookahead and inside SNOO, the wrappers amortized over k
+    steps (k - 1 plain steps and one that syncs). On CUDA also with capturable AdamW and
+    Lookahead, run eagerly and replayed from a CUDA graph of one step (the sync decided on the
+    device)."""
     params = [
         torch.randn(shape, device=config.device, dtype=config.fast_dtype, requires_grad=True)
         for shape in preset.shapes
@@ -72,28 +80,34 @@ def bench_step(
             ("AdamW(capturable), graph", capturable, {"capturable": True}, True),
         ]
     k = config.k
+    momentum = config.momentum or DEFAULT_MOMENTUM
     results = []
     for label, adamw, lookahead, graph in variants:
-        inner = torch.optim.AdamW(params, lr=1e-4, **adamw)
-        wrapped_inner = torch.optim.AdamW(params, lr=1e-4, **adamw)
-        wrapped = Lookahead(wrapped_inner, k=k, slow_dtype=slow_dtype, **lookahead)
-        progress(f"  {preset.name}: {label} step, with and without Lookahead")
-        wrapped.step()  # takes the slow weights, outside the timing
-        plain_step, lookahead_step = inner.step, wrapped.step
+        plain = torch.optim.AdamW(params, lr=1e-4, **adamw)
+        steps: dict[str, Callable[[], Any]] = {"plain": plain.step}
+        for name, outer in (("lookahead", {}), ("snoo", {"momentum": momentum, "alpha": 0.7})):
+            wrapped = Lookahead(
+                torch.optim.AdamW(params, lr=1e-4, **adamw),
+                k=k,
+                slow_dtype=slow_dtype,
+                **lookahead,
+                **outer,
+            )
+            wrapped.step()  # takes the slow weights (and makes SNOO's buffers), outside the timing
+            steps[name] = wrapped.step
+        progress(f"  {preset.name}: {label} step, alone, in Lookahead and in SNOO")
         if graph:
-            plain_step, lookahead_step = _replayed(inner.step), _replayed(wrapped.step)
-        # k steps of each per round, interleaved: Lookahead's k includes exactly one sync.
+            steps = {name: _replayed(step) for name, step in steps.items()}
+        # k steps of each per round, interleaved: the wrappers' k include exactly one sync.
         timings = measure_interleaved(
-            {
-                "plain": lambda step=plain_step: [step() for _ in range(k)],
-                "lookahead": lambda step=lookahead_step: [step() for _ in range(k)],
-            },
+            {name: lambda step=step: [step() for _ in range(k)] for name, step in steps.items()},
             config.device,
             config.reps,
             min(config.warmup, 1),
         )
-        step_ms = timings["plain"].median / k * 1e3
-        lookahead_ms = timings["lookahead"].median / k * 1e3
+        step_ms, lookahead_ms, snoo_ms = (
+            timings[name].median / k * 1e3 for name in ("plain", "lookahead", "snoo")
+        )
         results.append(
             StepResult(
                 preset.name,
@@ -103,6 +117,10 @@ def bench_step(
                 lookahead_ms,
                 lookahead_ms - step_ms,
                 100 * (lookahead_ms - step_ms) / step_ms,
+                momentum,
+                snoo_ms,
+                snoo_ms - step_ms,
+                100 * (snoo_ms - step_ms) / step_ms,
             )
         )
     return results

@@ -1,5 +1,8 @@
-"""The implementations of the Lookahead sync that the benchmark times, by name, and torch's result
-every one of them must reproduce. Adding one is adding an entry to ``IMPLEMENTATIONS``."""
+"""The implementations of the Lookahead sync that the benchmark times, by name, and the reference
+every one of them must reproduce. Adding one is adding an entry to ``IMPLEMENTATIONS``.
+
+With ``momentum > 0`` the sync is SNOO's outer step (Nesterov momentum on the pseudo-gradient),
+over three lists (slow, fast, momentum buffers); otherwise Lookahead's lerp over two."""
 
 from __future__ import annotations
 
@@ -8,40 +11,74 @@ from dataclasses import dataclass
 
 from lookahead_cuda import lookahead_update_
 from lookahead_cuda.bench.workload import TensorLists
-from lookahead_cuda.ops import foreach_update_
+from lookahead_cuda.ops import (
+    foreach_momentum_update_,
+    foreach_update_,
+    lookahead_momentum_update_,
+)
+
+
+@dataclass(frozen=True)
+class Sync:
+    """What one sync computes: Lookahead's lerp with step size ``alpha``, or with ``momentum > 0``
+    the outer-momentum step with outer learning rate ``alpha``."""
+
+    alpha: float
+    momentum: float = 0.0
 
 
 @dataclass(frozen=True)
 class Implementation:
-    #: Updates the workload's lists (slow, fast) in place with step size alpha.
-    update: Callable[[TensorLists, float], None]
-    #: Whether it gives torch's result bit for bit; if not, to within the dtype's precision.
+    #: Updates the workload's lists (slow, fast[, momentum]) in place.
+    update: Callable[[TensorLists, Sync], None]
+    #: Whether it gives the reference's result bit for bit; if not, to within the dtype's
+    #: precision. The outer-momentum sync has no bitwise torch reference.
     bitwise: bool
 
 
-def reference_update_(lists: TensorLists, alpha: float) -> None:
-    """The sync's definition in plain torch, one tensor at a time."""
-    slow, fast = lists
-    for s, f in zip(slow, fast):
-        s.lerp_(f.to(s.dtype), alpha)
+def reference_update_(lists: TensorLists, sync: Sync) -> None:
+    """The sync's definition in plain torch, one tensor at a time: torch's lerp_/copy_ for
+    Lookahead, the papers' update in float64 for the outer momentum."""
+    if sync.momentum == 0:
+        slow, fast = lists
+        for s, f in zip(slow, fast):
+            s.lerp_(f.to(s.dtype), sync.alpha)
+            f.copy_(s)
+        return
+    for s, f, b in zip(*lists):
+        d = s.double() - f.double()
+        buffer = sync.momentum * b.double() + d
+        s.copy_(s.double() - sync.alpha * (d + sync.momentum * buffer))
+        b.copy_(buffer)
         f.copy_(s)
 
 
-def _fused_update_(lists: TensorLists, alpha: float) -> None:
-    slow, fast = lists
-    lookahead_update_(slow, fast, alpha)
+def _fused_update_(lists: TensorLists, sync: Sync) -> None:
+    if sync.momentum == 0:
+        lookahead_update_(*lists, sync.alpha)
+    else:
+        lookahead_momentum_update_(*lists, sync.alpha, sync.momentum)
 
 
-def _foreach_update_(lists: TensorLists, alpha: float) -> None:
-    slow, fast = lists
-    foreach_update_(slow, fast, alpha)
+def _foreach_update_(lists: TensorLists, sync: Sync) -> None:
+    if sync.momentum == 0:
+        foreach_update_(*lists, sync.alpha)
+    else:
+        foreach_momentum_update_(*lists, sync.alpha, sync.momentum)
 
 
-def loop_update_(lists: TensorLists, alpha: float) -> None:
-    """The per-parameter update of most public Lookahead wrappers."""
-    slow, fast = lists
-    for s, f in zip(slow, fast):
-        s.add_(f - s, alpha=alpha)
+def loop_update_(lists: TensorLists, sync: Sync) -> None:
+    """The per-parameter update of most public Lookahead and SNOO wrappers."""
+    if sync.momentum == 0:
+        slow, fast = lists
+        for s, f in zip(slow, fast):
+            s.add_(f - s, alpha=sync.alpha)
+            f.copy_(s)
+        return
+    for s, f, b in zip(*lists):
+        d = s - f.to(s.dtype)
+        b.mul_(sync.momentum).add_(d)
+        s.sub_(d.add_(b, alpha=sync.momentum), alpha=sync.alpha)
         f.copy_(s)
 
 

@@ -50,14 +50,18 @@ def format_table(results: list[Result]) -> str:
 def format_steps(results: list[StepResult]) -> str:
     header = (
         f"{'preset':<15}{'inner optimizer':<26}{'k':>3}{'step ms':>10}"
-        f"{'+Lookahead ms':>15}{'overhead ms':>13}{'overhead':>10}"
+        f"{'+Lookahead ms':>15}{'overhead':>16}{'+SNOO ms':>10}{'overhead':>16}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
+        lookahead = f"{r.overhead_ms:.2f} ({r.overhead_pct:.1f}%)"
+        snoo = f"{r.snoo_overhead_ms:.2f} ({r.snoo_overhead_pct:.1f}%)"
         lines.append(
             f"{r.preset:<15}{r.optimizer:<26}{r.k:>3}{r.step_ms:>10.2f}{r.lookahead_step_ms:>15.2f}"
-            f"{r.overhead_ms:>13.2f}{r.overhead_pct:>9.1f}%"
+            f"{lookahead:>16}{r.snoo_step_ms:>10.2f}{snoo:>16}"
         )
+    if results:
+        lines.append(f"SNOO: outer momentum {results[0].momentum}, outer learning rate 0.7")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from lookahead_cuda.bench.config import BenchConfig, dtype_name
 from lookahead_cuda.bench.floor import floor_buffers, floor_copy
-from lookahead_cuda.bench.impls import IMPLEMENTATIONS, reference_update_
+from lookahead_cuda.bench.impls import IMPLEMENTATIONS, Sync, reference_update_
 from lookahead_cuda.bench.timing import Timing, last_level_cache_bytes, measure_interleaved
 from lookahead_cuda.bench.workload import Workload
 
@@ -65,19 +65,19 @@ def run(config: BenchConfig, progress: Callable[[str], None]) -> SyncRun:
     return SyncRun(results, floor_copy(config.device).name, rotation_bytes)
 
 
-def check_against_torch(workload: Workload, impls: Sequence[str], alpha: float) -> None:
-    """Every implementation gives torch's result on the workload's leading tensors, placed as the
-    timed ones are (misaligned ones too): bitwise where the implementation promises it, otherwise
-    to within the dtype's precision."""
+def check_against_torch(workload: Workload, impls: Sequence[str], sync: Sync) -> None:
+    """Every implementation gives the reference's result on the workload's leading tensors,
+    placed as the timed ones are (misaligned ones too): bitwise where the implementation promises
+    it, otherwise to within the dtype's precision."""
     checked = workload.leading(CHECK_NUMEL)
     reference = checked.random_lists()
     expected = checked.copy_lists(reference)
-    reference_update_(expected, alpha)
+    reference_update_(expected, sync)
     for impl in impls:
         lists = checked.copy_lists(reference)
-        IMPLEMENTATIONS[impl].update(lists, alpha)
+        IMPLEMENTATIONS[impl].update(lists, sync)
         for got, want in zip(itertools.chain(*lists), itertools.chain(*expected)):
-            if IMPLEMENTATIONS[impl].bitwise:
+            if IMPLEMENTATIONS[impl].bitwise and sync.momentum == 0:
                 same = torch.equal(got, want)
             else:
                 # Inputs are randn, of magnitude up to ~5: a few ulps of that.
@@ -101,7 +101,8 @@ def bench_workload(
     copy = floor_copy(config.device)
     floor_traffic = min(workload.traffic_bytes, FLOOR_MAX_TRAFFIC)
     floors = [floor_buffers(copy, config.device, floor_traffic) for _ in range(copies)]
-    check_against_torch(workload, config.impls, config.alpha)
+    sync = Sync(config.alpha, config.momentum)
+    check_against_torch(workload, config.impls, sync)
 
     rotating = f", rotating {copies} copies" if copies > 1 else ""
     progress(f"  {', '.join(config.impls)} and the floor, {config.reps} rounds{rotating}")
@@ -111,7 +112,7 @@ def bench_workload(
     next_set = itertools.cycle(sets)
     next_floor = itertools.cycle(floors)
     fns: dict[str, Callable[[], object]] = {
-        impl: (lambda update=IMPLEMENTATIONS[impl].update: update(next(next_set), config.alpha))
+        impl: (lambda update=IMPLEMENTATIONS[impl].update: update(next(next_set), sync))
         for impl in config.impls
     }
     fns[FLOOR] = lambda: copy.run(*next(next_floor))
