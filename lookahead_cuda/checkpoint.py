@@ -26,6 +26,11 @@ RESTORES = "nonfinite_restores"  # likewise: the group's syncs that restored ins
 # Only in a state dict taken in evaluation mode, where the parameters hold the slow weights: the
 # fast weights, which loading puts back into the parameters.
 FAST_PARAM = "fast_param"
+# Only with a process group (DiLoCo), where each worker's replica differs between syncs: every
+# worker's fast weights and inner optimizer state, stacked along a first dimension of the group's
+# size, so that one process can save the dict and every process resume its own replica from it.
+WORKER = "worker_"
+WORKER_FAST_PARAM = WORKER + FAST_PARAM
 SLOW_BUFFERS = tuple("slow_" + name for name in FIRST_MOMENT_BUFFERS)
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -50,7 +55,26 @@ def state_dict(opt: Lookahead) -> dict[str, Any]:
             slow, fast = swapped[param]
             entry[STATE_PREFIX + SLOW_PARAM] = slow.clone()
             entry[STATE_PREFIX + FAST_PARAM] = fast.clone()
+    if opt.process_group is not None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for position, param in enumerate(params):
+            fast = swapped[param][1] if param in swapped else param.detach()
+            entry = state.setdefault(position, {})
+            entry[STATE_PREFIX + WORKER_FAST_PARAM] = _gathered(fast, opt.process_group)
+            for key, value in list(entry.items()):
+                if not str(key).startswith(STATE_PREFIX) and isinstance(value, torch.Tensor):
+                    entry[STATE_PREFIX + WORKER + key] = _gathered(value, opt.process_group)
     return {"state": state, "param_groups": inner["param_groups"]}
+
+
+def _gathered(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Every worker's ``tensor``, stacked: a collective, so every process of ``group`` calls it
+    (state_dict() under a process group is one, as torch's full state dicts under FSDP are)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
 
 
 def _count(value: Any, where: str) -> int:
@@ -123,6 +147,7 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
         for position, saved_id in enumerate(i for g in saved_groups for i in g["params"])
     }
 
+    worker = _worker(opt)
     inner_state: dict[Any, dict[str, Any]] = {}
     ours: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
     fast_values: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -130,15 +155,21 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
         if not isinstance(entry, Mapping):
             raise TypeError(f"loaded state of parameter {key!r} is not a mapping")
         inner = {k: v for k, v in entry.items() if not str(k).startswith(STATE_PREFIX)}
-        if inner:  # an empty entry would read as a parameter with state (Adagrad's __setstate__)
-            inner_state[key] = inner
         mine = {
             k[len(STATE_PREFIX) :]: v for k, v in entry.items() if str(k).startswith(STATE_PREFIX)
         }
+        if mine and key not in position_of:
+            raise ValueError(f"loaded Lookahead state for unknown parameter {key!r}")
+        for name in [name for name in mine if name.startswith(WORKER)]:
+            value = _row(mine.pop(name), worker, f"loaded {STATE_PREFIX}{name} of {key!r}")
+            if name == WORKER_FAST_PARAM:
+                mine[FAST_PARAM] = value
+            else:
+                inner[name.removeprefix(WORKER)] = value  # this worker's own, not process 0's
+        if inner:  # an empty entry would read as a parameter with state (Adagrad's __setstate__)
+            inner_state[key] = inner
         if not mine:
             continue
-        if key not in position_of:
-            raise ValueError(f"loaded Lookahead state for unknown parameter {key!r}")
         param, group = params[position_of[key]], group_of[position_of[key]]
         converted = ours[param] = {}
         for name, value in mine.items():
@@ -168,6 +199,31 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
         for param, value in fast_values:
             param.copy_(value)
     opt._forget_plans()
+
+
+def _worker(opt: Lookahead) -> tuple[int, int] | None:
+    """(this process's rank in the group, the group's size) under a process group, else None."""
+    if opt.process_group is None:
+        return None
+    import torch.distributed as dist
+
+    return dist.get_rank(opt.process_group), dist.get_world_size(opt.process_group)
+
+
+def _row(value: Any, worker: tuple[int, int] | None, where: str) -> torch.Tensor:
+    """This worker's row of an entry stacked over the workers that saved it."""
+    if worker is None:
+        raise ValueError(
+            f"{where} holds the replicas of a DiLoCo group of workers; load it into "
+            "Lookahead(process_group=...) on as many processes"
+        )
+    rank, world = worker
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != world:
+        raise ValueError(
+            f"{where} must stack {world} workers' tensors (this process group's size), got "
+            f"{_describe(value)}"
+        )
+    return value[rank]
 
 
 def _load_inner(optimizer: torch.optim.Optimizer, inner: dict[str, Any]) -> None:

@@ -14,6 +14,9 @@ implementation from its arguments, never from where the tensors happen to be:
 * ``offloaded_update_`` around any of them when the slow tensors live in host memory
   (``offload``) and the fast ones on an accelerator: the fast weights travel to the host in chunks.
 
+Before the sync, :func:`average_over_workers` makes it DiLoCo's outer step: the fast weights (or
+the pseudo-gradients) are averaged over the processes of a group, which otherwise never talk.
+
 Devices without a kernel of ours run ATen one tensor at a time, inside the op. FSDP2's DTensors
 are synced through their local shards: a slow copy made from its parameter has the same
 placements, so the shards pair up element by element and nothing is gathered. Example::
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 
 from lookahead_cuda import _C
-from lookahead_cuda.offload import StagingBuffers, offloaded_update_
+from lookahead_cuda.offload import StagingBuffers, offloaded_update_, runs_by_bytes
 from lookahead_cuda.ops import (
     found_nonfinite_,
     lookahead_momentum_update_,
@@ -45,8 +48,10 @@ from lookahead_cuda.ops import (
 )
 
 __all__ = [
+    "AVERAGE_BUCKET_BYTES",
     "Bucket",
     "BucketKey",
+    "average_over_workers",
     "bucket_pairs",
     "check_buckets",
     "local",
@@ -308,6 +313,53 @@ def _sync_offloaded(
     offloaded_update_(bucket.fast, update, staging)
 
 
+#: Bytes per all-reduce when averaging over workers: DDP's default bucket (bucket_cap_mb=25).
+AVERAGE_BUCKET_BYTES = 25 << 20
+
+
+def average_over_workers(
+    buckets: Buckets,
+    group: Any,
+    *,
+    pseudo_gradient_dtype: torch.dtype | None = None,
+    bucket_bytes: int = AVERAGE_BUCKET_BYTES,
+) -> None:
+    """Replace every fast tensor of ``buckets`` by its mean over the processes of ``group`` (a
+    torch.distributed process group), in flat all-reduces of about ``bucket_bytes`` each: the
+    average of DiLoCo's outer step, after which the sync's pseudo-gradient ``slow - fast`` is the
+    workers' mean (the slow weights being the same on every process).
+
+    With ``pseudo_gradient_dtype=None`` the fast weights travel in the slow dtype (fp32 for bf16
+    parameters with fp32 slow weights, so that the mean is not rounded to bf16 before the step);
+    with a dtype (``torch.bfloat16`` halves fp32's bytes; DiLoCo reports no loss from it) the
+    pseudo-gradients travel in it and the fast weights become ``slow - mean``.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    for bucket in buckets.values():
+        if not bucket.fast:
+            continue
+        dtype = pseudo_gradient_dtype or bucket.slow[0].dtype
+        sizes = [f.numel() * dtype.itemsize for f in bucket.fast]
+        for run in runs_by_bytes(sizes, bucket_bytes):
+            fast = [bucket.fast[i] for i in run]
+            slow = [bucket.slow[i].to(fast[0].device, non_blocking=True) for i in run]
+            if pseudo_gradient_dtype is None:
+                flat = torch.cat([f.reshape(-1).to(dtype) for f in fast])
+            else:
+                flat = torch.cat(
+                    [(s - f.to(s.dtype)).reshape(-1).to(dtype) for s, f in zip(slow, fast)]
+                )
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            offset = 0
+            for s, f in zip(slow, fast):
+                mean = flat[offset : offset + f.numel()].view(f.shape)
+                offset += f.numel()
+                f.copy_(mean if pseudo_gradient_dtype is None else s - mean.to(s.dtype))
+
+
 def nonfinite_flag(
     buckets: Buckets,
     device: torch.device,
@@ -316,9 +368,9 @@ def nonfinite_flag(
 ) -> torch.Tensor:
     """A one-element ``torch.bool`` tensor on ``device``: whether any fast tensor of ``buckets``
     holds a NaN or an infinity. Decided on the device; with ``due``, nothing is read unless it
-    holds True. With ``agree_over``, a process group (of the DTensors' mesh: see
-    :func:`mesh_group`), the processes agree (one 1-byte all-reduce), so that none restores its
-    shards alone."""
+    holds True. With ``agree_over``, a process group (of the DTensors' mesh, see
+    :func:`mesh_group`; or the workers a sync averages over), the processes agree (one 1-byte
+    all-reduce), so that none restores alone and none averages its blow-up into the others."""
     found = torch.zeros((), dtype=torch.bool, device=device)
     for (bucket_device, _, _), bucket in buckets.items():
         if not bucket.fast:

@@ -18,20 +18,17 @@ import torch
 CHUNK_BYTES = 32 << 20
 
 
-def _chunks(fast: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[list[int]]:
-    """Indices of consecutive tensors whose bytes add up to about chunk_bytes (a larger tensor is a
-    chunk of its own)."""
-    chunk: list[int] = []
-    size = 0
-    for i, f in enumerate(fast):
-        nbytes = f.numel() * f.element_size()
-        if chunk and size + nbytes > chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(i)
-        size += nbytes
-    if chunk:
-        yield chunk
+def runs_by_bytes(sizes: Sequence[int], limit: int) -> Iterator[range]:
+    """Ranges of consecutive indices whose sizes (bytes) add up to about ``limit``; a larger one
+    is a run of its own."""
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            yield range(start, i)
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield range(start, len(sizes))
 
 
 class StagingBuffers:
@@ -105,7 +102,10 @@ def offloaded_update_(
     # the stream has sent its previous chunk up (the copies are ordered on the one stream). The
     # side stream is joined however the loop ends, so that no copy of a failed call is still in
     # flight when the caller goes on (or retries).
-    chunks = list(_chunks(fast, staging.chunk_bytes))
+    chunks = [
+        list(run)
+        for run in runs_by_bytes([f.numel() * f.element_size() for f in fast], staging.chunk_bytes)
+    ]
     try:
         send_down(chunks[0])
         for position in range(len(chunks)):

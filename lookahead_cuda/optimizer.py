@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,36 @@ class _GroupPlan:
             or bucket.fast[0].dtype != fast_dtype
             or bucket.slow[0].device != copies.home(bucket.fast[0])
             for (device, _, fast_dtype), bucket in self.weights.items()
+        )
+
+
+def _check_averaging(
+    process_group: Any, pseudo_gradient_dtype: torch.dtype | None, capturable: bool
+) -> None:
+    if process_group is None:
+        if pseudo_gradient_dtype is not None:
+            raise ValueError(
+                "pseudo_gradient_dtype is the dtype the pseudo-gradients are averaged over the "
+                "workers in; it needs a process_group"
+            )
+        return
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
+    if not isinstance(process_group, distributed.ProcessGroup):
+        raise TypeError(
+            f"Invalid process_group: {process_group!r}; expected a torch.distributed process "
+            "group (torch.distributed.group.WORLD, or one from new_group)"
+        )
+    if pseudo_gradient_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"Invalid pseudo_gradient_dtype: {pseudo_gradient_dtype!r}; expected None (average "
+            "the fast weights in the slow dtype), torch.float32, torch.bfloat16 or torch.float16"
+        )
+    if capturable:
+        raise ValueError(
+            "process_group averages over the workers at each sync with a collective that the host "
+            "calls, which a capturable step never does; use one or the other"
         )
 
 
@@ -143,6 +173,20 @@ class Lookahead(Optimizer):
             slow weights, in host memory too with ``slow_device="cpu"``), created the first time
             a group syncs with momentum. 0 is Lookahead's update, bitwise.
         nesterov (bool, optional): Nesterov's outer momentum, or heavy ball (default: True).
+        process_group (torch.distributed.ProcessGroup, optional): DiLoCo (Douillard et al., 2023):
+            every process trains a replica of the model on its own data with no communication
+            between syncs (no DDP), and each sync first averages the fast weights over the
+            group's processes (flat all-reduces of DDP's 25 MiB), then takes the outer step
+            (with ``momentum=0.9, alpha=0.7`` DiLoCo's). Every process starts from the group's
+            first process's parameters (broadcast at construction, as DDP does, and again when the
+            slow weights are taken); the slow weights then stay identical on every process, as do
+            the counters: every step counts (GradScaler's skipped steps too), so
+            that all processes sync together. With ``nonfinite="restore"`` a blow-up on any
+            process makes every process restore. Not with ``capturable``, compiled steps or FSDP2
+            parameters (default: None).
+        pseudo_gradient_dtype (torch.dtype, optional): with a ``process_group``, send the
+            pseudo-gradients ``slow - fast`` in this dtype instead of the fast weights in the slow
+            dtype: ``torch.bfloat16`` halves fp32's bytes (default: None).
 
     ``k``, ``alpha``, ``inner_state``, ``slow_dtype``, ``nonfinite``, ``momentum`` and
     ``nesterov`` are stored in every param group as ``lookahead_k``, ``lookahead_alpha``, ...,
@@ -172,6 +216,8 @@ class Lookahead(Optimizer):
         slow_device: str | torch.device | None = None,
         momentum: float = 0.0,
         nesterov: bool = True,
+        process_group: Any = None,
+        pseudo_gradient_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -201,12 +247,15 @@ class Lookahead(Optimizer):
                 "slow_device='cpu' updates the slow weights on the host, which a capturable step "
                 "never waits for; use one or the other"
             )
+        _check_averaging(process_group, pseudo_gradient_dtype, capturable)
         for group in optimizer.param_groups:
             check_settings({**settings, **group}, "a param group of the inner optimizer", optimizer)
 
         self.optimizer = optimizer
         self.capturable = capturable
         self.slow_device = None if slow_device is None else torch.device(slow_device)
+        self.process_group = process_group
+        self.pseudo_gradient_dtype = pseudo_gradient_dtype
         self._copies = SlowCopies(self.slow_device)
         self._staging = StagingBuffers()
         self._initial_inner_state = InitialInnerState(optimizer)
@@ -226,6 +275,8 @@ class Lookahead(Optimizer):
         self._adopting = True
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **settings})
         self._adopting = False
+        if process_group is not None:
+            self._broadcast_from_first_worker(p for g in self.param_groups for p in g["params"])
 
     # The inner optimizer owns param_groups and state; Lookahead's views follow it even when the
     # inner optimizer replaces them (its load_state_dict does).
@@ -251,6 +302,7 @@ class Lookahead(Optimizer):
         state = self.__dict__.copy()
         state["_plans"] = {}
         state["_staging"] = StagingBuffers()
+        state["process_group"] = None  # a process group does not travel; set it again
         return state
 
     def __repr__(self) -> str:
@@ -302,6 +354,11 @@ class Lookahead(Optimizer):
         say) raises before the inner step runs, and changes nothing.
         """
         self._check_training("step")
+        if self.process_group is not None and torch.compiler.is_compiling():
+            raise RuntimeError(
+                "Lookahead(process_group=...) cannot run in a compiled step yet: its syncs call a "
+                "collective that the host decides on; compile the model, not the optimizer step"
+            )
         plans = self._plans_of_groups()
         if not torch.compiler.is_compiling():
             # Syncs that may come at the end of this step are checked before the inner step runs.
@@ -373,6 +430,13 @@ class Lookahead(Optimizer):
 
     def _make_plan(self, index: int, group: dict[str, Any]) -> _GroupPlan:
         params = group["params"]
+        sharded_over = functional.mesh_group(params)
+        if self.process_group is not None and sharded_over is not None:
+            raise ValueError(
+                f"param group {index} holds DTensors (FSDP2): each worker holds shards, which "
+                "Lookahead(process_group=...) cannot average into a replica's outer step; average "
+                "over workers that each hold whole parameters, or drop process_group"
+            )
         missing = []
         for j, param in enumerate(params):
             if SLOW_PARAM not in self.lookahead_state.get(param, {}):
@@ -386,6 +450,8 @@ class Lookahead(Optimizer):
                 missing.append((param, dtype))
         with_momentum = group[MOMENTUM] > 0
         with torch.no_grad():
+            if self.process_group is not None and missing:
+                self._broadcast_from_first_worker(param for param, _ in missing)
             for param, dtype in missing:
                 self.lookahead_state[param][SLOW_PARAM] = self._copies.copy(param, dtype, param)
             if with_momentum:
@@ -410,8 +476,16 @@ class Lookahead(Optimizer):
                 else None,
             ),
             with_momentum,
-            functional.mesh_group(params),
+            sharded_over,
         )
+
+    def _broadcast_from_first_worker(self, params: Iterable[torch.Tensor]) -> None:
+        """DiLoCo's workers start from one point, the group's first process's weights: at
+        construction, as DDP does, and when slow weights are taken (of weights loaded since)."""
+        source = torch.distributed.get_global_rank(self.process_group, 0)
+        with torch.no_grad():
+            for param in params:
+                torch.distributed.broadcast(param.detach(), source, group=self.process_group)
 
     def _forget_plans(self) -> None:
         self._plans.clear()
@@ -465,7 +539,9 @@ class Lookahead(Optimizer):
         for entry in plans:
             group = entry[1]
             counter = self._counter(group)
-            if found_inf is None:
+            if found_inf is None or self.process_group is not None:
+                # Workers that skipped different steps would call the sync's collective at
+                # different steps, so under a process group every step counts.
                 counter += 1
             else:
                 if found_inf.device.type != "cpu" and counter.device != found_inf.device:
@@ -521,8 +597,17 @@ class Lookahead(Optimizer):
             device = group["params"][0].device
             due = self._counter(group) >= group[K] if gated else None
             restore = None
+            agree_over = self.process_group if self.process_group is not None else plan.sharded_over
             if group[NONFINITE] == "restore":
-                restore = functional.nonfinite_flag(plan.weights, device, due, plan.sharded_over)
+                # Decided on each worker's own fast weights, before any averaging: a worker that
+                # blew up makes every worker restore.
+                restore = functional.nonfinite_flag(plan.weights, device, due, agree_over)
+            if self.process_group is not None:
+                functional.average_over_workers(
+                    plan.weights,
+                    self.process_group,
+                    pseudo_gradient_dtype=self.pseudo_gradient_dtype,
+                )
             momentum = group[MOMENTUM]
             calls = [((group[ALPHA], momentum, group[NESTEROV] or momentum == 0), plan.weights)]
             if group[INNER_STATE] == "pullback":

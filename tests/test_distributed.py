@@ -32,10 +32,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(scenario: str, out: Path) -> list[dict]:
+def run_workers(scenario: str, out: Path, world: int = WORLD, worker: Path = WORKER) -> list[dict]:
+    """Runs ``worker SCENARIO OUT`` in ``world`` processes; returns what each one wrote."""
     env = {
         **os.environ,
-        "WORLD_SIZE": str(WORLD),
+        "WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "GLOO_SOCKET_IFNAME": "lo",
@@ -44,13 +45,13 @@ def run_workers(scenario: str, out: Path) -> list[dict]:
     }
     workers = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(out)],
+            [sys.executable, str(worker), scenario, str(out)],
             env={**env, "RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in range(WORLD)
+        for rank in range(world)
     ]
     logs = []
     try:
@@ -61,7 +62,7 @@ def run_workers(scenario: str, out: Path) -> list[dict]:
             worker.kill()
     # Judged by the results each process wrote, not by exit codes (see the worker's docstring).
     results = []
-    for rank in range(WORLD):
+    for rank in range(world):
         path = out / f"{scenario}-{rank}.pt"
         assert path.exists(), f"rank {rank} wrote no result:\n" + "\n".join(logs)
         results.append(torch.load(path, weights_only=True))

@@ -8,7 +8,7 @@ from conftest import DTYPE_PAIRS, reference_update_
 from test_lookahead import assert_same_weights, batches, make_model, train
 
 from lookahead_cuda import Lookahead, functional
-from lookahead_cuda.offload import StagingBuffers, _chunks
+from lookahead_cuda.offload import StagingBuffers, runs_by_bytes
 
 SIZES = [5000, 3, 70001, 1, 0, 4096, 12345]
 
@@ -20,12 +20,11 @@ def random_pairs(slow_dtype, fast_dtype):
 
 
 def test_chunks_cover_every_tensor_once_in_order():
-    fast = [torch.empty(n) for n in SIZES]
-    chunks = list(_chunks(fast, chunk_bytes=20000 * 4))
+    sizes = [n * 4 for n in SIZES]
+    chunks = list(runs_by_bytes(sizes, limit=20000 * 4))
     assert [i for chunk in chunks for i in chunk] == list(range(len(SIZES)))
     for chunk in chunks:
-        nbytes = sum(fast[i].numel() * 4 for i in chunk)
-        assert len(chunk) == 1 or nbytes <= 20000 * 4
+        assert len(chunk) == 1 or sum(sizes[i] for i in chunk) <= 20000 * 4
     assert len(chunks) > 2
 
 

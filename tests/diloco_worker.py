@@ -1,0 +1,138 @@
+"""One process of the DiLoCo tests in test_diloco.py (not a test module itself): each process
+trains its own replica on its own rows of every global batch, with no DDP, and
+Lookahead(process_group=WORLD) averages the replicas at each sync.
+
+Run as `python diloco_worker.py SCENARIO OUT_DIR` with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set; writes OUT_DIR/SCENARIO-RANK.pt and leaves through os._exit (see
+distributed_worker.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from distributed_worker import global_batches, make_model, train
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lookahead_cuda import Lookahead
+
+K = 3
+STEPS = 11  # ends between two syncs
+SETTINGS = {"k": K, "alpha": 0.7, "momentum": 0.9}
+LR = 0.05
+
+
+def build(**extra) -> tuple[nn.Module, Lookahead]:
+    model = make_model()
+    if dist.get_rank() != 0:
+        # A different start on every other process: Lookahead starts every replica from process
+        # 0's weights, as DDP does.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(dist.get_rank()))
+    inner = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    return model, Lookahead(inner, process_group=dist.group.WORLD, **SETTINGS, **extra)
+
+
+def state(model: nn.Module, opt: Lookahead) -> dict:
+    params = list(model.parameters())
+    ours = [opt.lookahead_state[p] for p in params]
+    return {
+        "fast": [p.detach().clone() for p in params],
+        "slow": [o["slow_param"].clone() for o in ours],
+        "momentum": [o["outer_momentum"].clone() for o in ours],
+        "step": int(ours[0]["step"]),
+    }
+
+
+def train_scenario(rank: int, world: int, **extra) -> dict:
+    model, opt = build(**extra)
+    train(model, opt, global_batches(STEPS, world), rank, world)
+    return state(model, opt)
+
+
+def resume_scenario(rank: int, world: int, out: Path, distributed: bool) -> dict:
+    """Steps, a checkpoint mid-cycle (a plain state_dict saved by process 0, or
+    torch.distributed.checkpoint), more steps; then the same steps again from the checkpoint in
+    fresh objects: each process must resume its own replica (fast weights, inner momentum)."""
+    data = global_batches(13, world)
+    model, opt = build()
+    train(model, opt, data[:7], rank, world)
+    path = out / ("dcp" if distributed else "checkpoint.pt")
+    if distributed:
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    else:
+        saved = opt.state_dict()  # every process calls it: it gathers the workers' replicas
+        if rank == 0:
+            torch.save(saved, path)
+    dist.barrier()
+    train(model, opt, data[7:], rank, world)
+    straight = state(model, opt)
+
+    # No model weights are loaded: the checkpoint itself must put each worker's replica back.
+    model, opt = build()
+    if distributed:
+        loaded = {"optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(loaded, checkpoint_id=path)
+        set_optimizer_state_dict(model, opt, loaded["optim"])
+    else:
+        opt.load_state_dict(torch.load(path, weights_only=True))
+    counter = int(opt.lookahead_state[next(model.parameters())]["step"])
+    train(model, opt, data[7:], rank, world)
+    return {"straight": straight, "resumed": state(model, opt), "counter_at_load": counter}
+
+
+def guard_scenario(rank: int, world: int) -> dict:
+    """A blow-up in one process only, then a sync: every process restores, none averages it."""
+    model, opt = build(nonfinite="restore")
+    data = global_batches(5, world)
+    train(model, opt, data[:4], rank, world)  # one sync at step 3
+    before = state(model, opt)
+    if rank == world - 1:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+    opt.sync()
+    return {"before": before, "after": state(model, opt), "restores": opt.nonfinite_restores}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    try:
+        if scenario == "train":
+            result = train_scenario(rank, world)
+        elif scenario == "bf16":
+            result = train_scenario(rank, world, pseudo_gradient_dtype=torch.bfloat16)
+        elif scenario == "offload":
+            result = train_scenario(rank, world, slow_device="cpu")
+        elif scenario in ("resume", "resume-dcp"):
+            result = resume_scenario(rank, world, out, distributed=scenario == "resume-dcp")
+        elif scenario == "guard":
+            result = guard_scenario(rank, world)
+        else:
+            raise ValueError(f"unknown scenario {scenario}")
+        torch.save(result, out / f"{scenario}-{rank}.pt")
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

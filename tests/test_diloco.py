@@ -1,0 +1,139 @@
+"""DiLoCo through Lookahead(process_group=...): 2 and 3 gloo processes on the CPU, each training
+its own replica, against a single-process simulation of all the replicas; checkpoints; the
+divergence guard across workers. The processes run tests/diloco_worker.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from diloco_worker import LR, SETTINGS, STEPS, K
+from distributed_worker import global_batches, make_model
+from test_distributed import run_workers
+from torch import nn
+
+from lookahead_cuda import Lookahead
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
+)
+WORKER = Path(__file__).with_name("diloco_worker.py")
+
+
+def simulate(world: int, steps: int = STEPS) -> dict:
+    """All the replicas in one process, independently of the optimizer's code: each trains on its
+    rows of every batch; every K steps the fast weights are averaged and the outer Nesterov step
+    taken from the common slow weights, which every replica restarts from."""
+    alpha, mu = SETTINGS["alpha"], SETTINGS["momentum"]
+    models = [make_model() for _ in range(world)]
+    inners = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in models]
+    slow = [p.detach().clone() for p in models[0].parameters()]
+    buffers = [torch.zeros_like(s) for s in slow]
+    with torch.no_grad():  # every replica starts from process 0's weights
+        for m in models[1:]:
+            for p, s in zip(m.parameters(), slow):
+                p.copy_(s)
+    for step, (x, y) in enumerate(global_batches(steps, world), 1):
+        for rank, (model, inner) in enumerate(zip(models, inners)):
+            rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+            inner.zero_grad()
+            nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+            inner.step()
+        if step % K:
+            continue
+        with torch.no_grad():
+            for i, s in enumerate(slow):
+                mean = sum(list(m.parameters())[i] for m in models) / world
+                d = s - mean
+                buffers[i] = mu * buffers[i] + d
+                slow[i] = s - alpha * (d + mu * buffers[i])
+                for m in models:
+                    list(m.parameters())[i].copy_(slow[i])
+    return {
+        "fast": [[p.detach().clone() for p in m.parameters()] for m in models],
+        "slow": slow,
+        "momentum": buffers,
+    }
+
+
+def assert_ranks_agree(results: list[dict], keys=("slow", "momentum")) -> None:
+    for result in results[1:]:
+        for key in keys:
+            for a, b in zip(result[key], results[0][key]):
+                assert torch.equal(a, b), key
+        assert result["step"] == results[0]["step"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_matches_a_simulation_of_all_replicas(world, tmp_path):
+    results = run_workers("train", tmp_path, world, WORKER)
+    assert_ranks_agree(results)
+    assert results[0]["step"] == STEPS % K
+    want = simulate(world)
+    # Sums of the replicas in another order (gloo's ring) than the simulation's: float64 rounding.
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    for result, fast in zip(results, want["fast"]):
+        for a, b in zip(result["fast"], fast):
+            torch.testing.assert_close(a, b, **close)
+    for a, b in zip(results[0]["slow"] + results[0]["momentum"], want["slow"] + want["momentum"]):
+        torch.testing.assert_close(a, b, **close)
+    # Replicas diverge between syncs: not a single model trained by all.
+    assert not all(torch.equal(a, b) for a, b in zip(results[0]["fast"], results[1]["fast"]))
+
+
+def test_bf16_pseudo_gradients(tmp_path):
+    results = run_workers("bf16", tmp_path, 2, WORKER)
+    assert_ranks_agree(results)
+    want = simulate(2)
+    for a, b in zip(results[0]["slow"], want["slow"]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)  # bf16: 8 bits of mantissa
+
+
+def test_slow_weights_in_host_memory(tmp_path):
+    results = run_workers("offload", tmp_path, 2, WORKER)
+    assert_ranks_agree(results)
+    want = simulate(2)
+    for a, b in zip(results[0]["slow"], want["slow"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scenario", ["resume", "resume-dcp"])
+def test_checkpoints_resume_exactly(scenario, tmp_path):
+    for result in run_workers(scenario, tmp_path, 2, WORKER):
+        assert result["counter_at_load"] == 7 % K
+        for key in ("fast", "slow", "momentum"):
+            for a, b in zip(result["resumed"][key], result["straight"][key]):
+                assert torch.equal(a, b), key
+
+
+def test_a_blow_up_on_one_worker_makes_every_worker_restore(tmp_path):
+    results = run_workers("guard", tmp_path, 2, WORKER)
+    for result in results:
+        assert result["restores"] == 1
+        for a, b in zip(result["after"]["fast"], result["before"]["slow"]):
+            assert torch.equal(a, b)  # restored from the slow weights, which stayed
+        for key in ("slow", "momentum"):
+            for a, b in zip(result["after"][key], result["before"][key]):
+                assert torch.equal(a, b)
+
+
+def test_refuses_what_cannot_work_yet():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"needs torch\.distributed initialized"):
+        Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), process_group=object())
+    with pytest.raises(ValueError, match="needs a process_group"):
+        Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), pseudo_gradient_dtype=torch.bfloat16)
+
+
+def test_a_checkpoint_of_workers_needs_a_group_of_workers():
+    model = make_model()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["lookahead_worker_fast_param"] = torch.stack(
+        [p.detach() for p in [*model.parameters()][:1]] * 2
+    )
+    with pytest.raises(ValueError, match="replicas of a DiLoCo group"):
+        opt.load_state_dict(saved)
