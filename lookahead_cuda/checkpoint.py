@@ -139,7 +139,6 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
 
     params = [p for group in groups for p in group["params"]]
     group_of = [g for g, group in zip(merged_groups, groups) for _ in group["params"]]
-    first_params = {id(group["params"][0]) for group in groups if group["params"]}
     # As torch.optim does, saved ids map to parameters by position in the saved groups: indices
     # from state_dict(), names from torch.distributed.checkpoint's get_optimizer_state_dict.
     position_of = {
@@ -175,8 +174,6 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
         for name, value in mine.items():
             where = f"loaded {STATE_PREFIX}{name} of parameter {key!r}"
             if name in (STEP, RESTORES):
-                if id(param) not in first_params:
-                    raise ValueError(f"{where}: counts belong to a param group's first parameter")
                 count = _count(value, where)
                 device = opt._counter_device(param) if name == STEP else param.device
                 converted[name] = torch.tensor(count, dtype=torch.int64, device=device)

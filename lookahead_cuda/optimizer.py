@@ -731,6 +731,12 @@ class Lookahead(Optimizer):
         into the parameters, whose fast values wait in host memory. Idempotent; ``step()`` and
         ``sync()`` raise until :meth:`train`. Every parameter is checked before any is touched."""
         if self._evaluation is None:
+            if self.lookahead_state and not any(group["params"] for group in self.param_groups):
+                raise RuntimeError(
+                    "Lookahead.eval(): no param group holds a tensor now, though slow weights "
+                    "exist (DeepSpeed ZeRO-3 empties the groups between steps); under DeepSpeed "
+                    "use lookahead_cuda.deepspeed_zero.slow_weights(engine)"
+                )
             pairs = [
                 (param, self.lookahead_state[param][SLOW_PARAM], _name(i, j))
                 for i, group in enumerate(self.param_groups)

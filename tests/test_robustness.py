@@ -73,11 +73,6 @@ BAD_DICTS = {
     ),
     "negative step": (bad_entry("lookahead_step", torch.tensor(-1)), ValueError, "whole number"),
     "fractional step": (bad_entry("lookahead_step", torch.tensor(1.5)), ValueError, "whole number"),
-    "step off the first parameter": (
-        bad_entry("lookahead_step", torch.tensor(1), index=2),
-        ValueError,
-        "first parameter",
-    ),
     "list slow weights": (
         bad_entry("lookahead_slow_param", [1.0, 2.0]),
         TypeError,
