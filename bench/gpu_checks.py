@@ -16,7 +16,13 @@ import lookahead_cuda
 from lookahead_cuda import Lookahead, lookahead_update_
 from lookahead_cuda.bench.presets import PRESETS
 
-OPS = ("lookahead_update_", "lookahead_update_if_", "found_nonfinite_")
+OPS = (
+    "lookahead_update_",
+    "lookahead_update_if_",
+    "lookahead_momentum_update_",
+    "lookahead_momentum_update_if_",
+    "found_nonfinite_",
+)
 
 
 def build() -> int:

@@ -114,8 +114,10 @@ else
   counted stage bench-shapes bench.log 60 bash -c \
     "python3 -m lookahead_cuda.bench --reps 20 --tensors 4 --numel 16777216 --impl fused foreach &&
      python3 -m lookahead_cuda.bench --reps 20 --tensors 10000 --numel 4096 --impl fused foreach &&
-     python3 -m lookahead_cuda.bench --reps 20 --preset gpt2 --misaligned --impl fused foreach"
-  # AdamW steps with and without Lookahead: foreach, fused, and capturable eager vs a CUDA graph.
+     python3 -m lookahead_cuda.bench --reps 20 --preset gpt2 --misaligned --impl fused foreach &&
+     python3 -m lookahead_cuda.bench --reps 20 --preset gpt2 many-small llama-7b-layer \
+       --momentum 0.9 --impl fused foreach"
+  # AdamW steps alone, in Lookahead and in SNOO: foreach, fused, capturable eager vs a CUDA graph.
   counted stage e2e bench.log 60 "${bench[@]}" --e2e --preset gpt2 --json "$out/e2e.json"
   counted stage extras bench.log 45 bash -c \
     "python3 bench/gpu_checks.py launches && python3 bench/gpu_checks.py offload"

@@ -54,7 +54,15 @@ constexpr size_t kParamBytes = 4096;
 
 constexpr int kBlockSize = 512;
 constexpr int kChunkSize = 65536;  // elements; a multiple of every vector width
-constexpr int kVectorsInFlight = 4;  // per thread and loop trip: independent loads hide latency
+// Vectors per list, thread and loop trip for two lists: independent loads hide latency. Other list
+// counts keep about the same bytes in flight (so about the same registers: 96 per thread with
+// three lists at 4 vectors each, against 46-64 for two, halved the resident blocks).
+constexpr int kVectorsInFlight = 4;
+
+template <int kLists>
+constexpr int vectors_in_flight() {
+  return kVectorsInFlight * 2 / kLists > 0 ? kVectorsInFlight * 2 / kLists : 1;
+}
 // Chunk indices are int32 and the grid-stride step must not overflow: c < total, gridDim <= total.
 constexpr int64_t kMaxChunksPerLaunch = INT32_MAX / 2;
 
@@ -156,24 +164,25 @@ __device__ __forceinline__ int common_head(const T* first, const Rest*... rest) 
 template <typename Op, typename... T>
 __device__ __forceinline__ void apply_chunk(Op& op, int n, T* __restrict__... data) {
   constexpr int kWidth = vector_width<T...>();
+  constexpr int kInFlight = vectors_in_flight<static_cast<int>(sizeof...(T))>();
   int scalar_begin = 0;
   const int head = common_head<kWidth>(data...);
   if (head >= 0 && head < n) {
     for (int i = threadIdx.x; i < head; i += kBlockSize) op(data[i]...);
     const int vectors = (n - head) / kWidth;
-    for (int base = threadIdx.x; base < vectors; base += kBlockSize * kVectorsInFlight) {
-      Vectors<kWidth, T...> v[kVectorsInFlight];
+    for (int base = threadIdx.x; base < vectors; base += kBlockSize * kInFlight) {
+      Vectors<kWidth, T...> v[kInFlight];
       // A load past the end re-reads this thread's first vector instead of being skipped: with
       // unconditional loads all of them issue before the first is used, where predicated ones made
       // the compiler unpack each vector as it landed (stalling the loads behind it; 96 registers
       // instead of 46 for bfloat16). Its own vector, so no other thread's store is raced.
 #pragma unroll
-      for (int k = 0; k < kVectorsInFlight; ++k) {
+      for (int k = 0; k < kInFlight; ++k) {
         const int index = base + k * kBlockSize < vectors ? base + k * kBlockSize : base;
         v[k].load(index, (data + head)...);
       }
 #pragma unroll
-      for (int k = 0; k < kVectorsInFlight; ++k) {
+      for (int k = 0; k < kInFlight; ++k) {
         const int index = base + k * kBlockSize;
         if (index < vectors) {
 #pragma unroll
