@@ -13,6 +13,8 @@ OUTPUTS = {
     "lr_robustness": "lr_robustness.png",
     "loss_curves": "loss_curves.png",
     "sensitivity": "sensitivity.png",
+    "snoo_lm": "snoo_lm.png",
+    "diloco_lm": "diloco_lm.png",
 }
 
 
