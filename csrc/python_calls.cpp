@@ -15,7 +15,9 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "op_handles.h"
@@ -82,14 +84,36 @@ std::optional<double> plain_float(py::handle object) {
   return value;
 }
 
+std::optional<bool> plain_bool(py::handle object) {
+  if (!PyBool_Check(object.ptr())) return std::nullopt;
+  return object.ptr() == Py_True;
+}
+
+// Every sequence borrowed, or nullopt if one is not a list or tuple of plain tensors.
+std::optional<std::vector<BorrowedTensors>> borrow_lists(
+    std::initializer_list<py::handle> sequences) {
+  std::vector<BorrowedTensors> lists;
+  lists.reserve(sequences.size());
+  for (const py::handle sequence : sequences) {
+    std::optional<BorrowedTensors> borrowed = BorrowedTensors::of(sequence);
+    if (!borrowed) return std::nullopt;
+    lists.push_back(std::move(*borrowed));
+  }
+  return lists;
+}
+
+// The flags of the gated ops and found_nonfinite_: a plain tensor, then None or a plain tensor.
+bool plain_flags(py::handle required, py::handle optional, std::optional<at::Tensor>& out) {
+  return plain_tensor(required) && optional_tensor(optional, out);
+}
+
 bool try_lookahead_update(py::handle slow, py::handle fast, py::handle alpha) {
   const std::optional<double> alpha_value = plain_float(alpha);
   if (!alpha_value || at::impl::torch_function_mode_enabled()) return false;
-  auto slow_tensors = BorrowedTensors::of(slow);
-  auto fast_tensors = slow_tensors ? BorrowedTensors::of(fast) : std::nullopt;
-  if (!fast_tensors) return false;
+  auto lists = borrow_lists({slow, fast});
+  if (!lists) return false;
   py::gil_scoped_release no_gil;
-  lookahead_update_op().call(slow_tensors->list(), fast_tensors->list(), *alpha_value);
+  lookahead_update_op().call((*lists)[0].list(), (*lists)[1].list(), *alpha_value);
   return true;
 }
 
@@ -97,16 +121,15 @@ bool try_lookahead_update_if(py::handle slow, py::handle fast, py::handle alpha,
                              py::handle restore) {
   const std::optional<double> alpha_value = plain_float(alpha);
   std::optional<at::Tensor> restore_tensor;
-  if (!alpha_value || at::impl::torch_function_mode_enabled() || !plain_tensor(due) ||
-      !optional_tensor(restore, restore_tensor)) {
+  if (!alpha_value || at::impl::torch_function_mode_enabled() ||
+      !plain_flags(due, restore, restore_tensor)) {
     return false;
   }
-  auto slow_tensors = BorrowedTensors::of(slow);
-  auto fast_tensors = slow_tensors ? BorrowedTensors::of(fast) : std::nullopt;
-  if (!fast_tensors) return false;
+  auto lists = borrow_lists({slow, fast});
+  if (!lists) return false;
   const at::Tensor& due_tensor = THPVariable_Unpack(due.ptr());
   py::gil_scoped_release no_gil;
-  lookahead_update_if_op().call(slow_tensors->list(), fast_tensors->list(), *alpha_value, due_tensor,
+  lookahead_update_if_op().call((*lists)[0].list(), (*lists)[1].list(), *alpha_value, due_tensor,
                                 restore_tensor);
   return true;
 }
@@ -115,19 +138,15 @@ bool try_lookahead_momentum_update(py::handle slow, py::handle fast, py::handle 
                                    py::handle lr, py::handle mu, py::handle nesterov) {
   const std::optional<double> lr_value = plain_float(lr);
   const std::optional<double> mu_value = plain_float(mu);
-  if (!lr_value || !mu_value || !PyBool_Check(nesterov.ptr()) ||
-      at::impl::torch_function_mode_enabled()) {
+  const std::optional<bool> nesterov_value = plain_bool(nesterov);
+  if (!lr_value || !mu_value || !nesterov_value || at::impl::torch_function_mode_enabled()) {
     return false;
   }
-  auto slow_tensors = BorrowedTensors::of(slow);
-  auto fast_tensors = slow_tensors ? BorrowedTensors::of(fast) : std::nullopt;
-  auto momentum_tensors = fast_tensors ? BorrowedTensors::of(momentum) : std::nullopt;
-  if (!momentum_tensors) return false;
-  const bool nesterov_value = nesterov.ptr() == Py_True;
+  auto lists = borrow_lists({slow, fast, momentum});
+  if (!lists) return false;
   py::gil_scoped_release no_gil;
-  lookahead_momentum_update_op().call(slow_tensors->list(), fast_tensors->list(),
-                                      momentum_tensors->list(), *lr_value, *mu_value,
-                                      nesterov_value);
+  lookahead_momentum_update_op().call((*lists)[0].list(), (*lists)[1].list(), (*lists)[2].list(),
+                                      *lr_value, *mu_value, *nesterov_value);
   return true;
 }
 
@@ -136,36 +155,32 @@ bool try_lookahead_momentum_update_if(py::handle slow, py::handle fast, py::hand
                                       py::handle due, py::handle restore) {
   const std::optional<double> lr_value = plain_float(lr);
   const std::optional<double> mu_value = plain_float(mu);
+  const std::optional<bool> nesterov_value = plain_bool(nesterov);
   std::optional<at::Tensor> restore_tensor;
-  if (!lr_value || !mu_value || !PyBool_Check(nesterov.ptr()) ||
-      at::impl::torch_function_mode_enabled() || !plain_tensor(due) ||
-      !optional_tensor(restore, restore_tensor)) {
+  if (!lr_value || !mu_value || !nesterov_value || at::impl::torch_function_mode_enabled() ||
+      !plain_flags(due, restore, restore_tensor)) {
     return false;
   }
-  auto slow_tensors = BorrowedTensors::of(slow);
-  auto fast_tensors = slow_tensors ? BorrowedTensors::of(fast) : std::nullopt;
-  auto momentum_tensors = fast_tensors ? BorrowedTensors::of(momentum) : std::nullopt;
-  if (!momentum_tensors) return false;
-  const bool nesterov_value = nesterov.ptr() == Py_True;
+  auto lists = borrow_lists({slow, fast, momentum});
+  if (!lists) return false;
   const at::Tensor& due_tensor = THPVariable_Unpack(due.ptr());
   py::gil_scoped_release no_gil;
-  lookahead_momentum_update_if_op().call(slow_tensors->list(), fast_tensors->list(),
-                                         momentum_tensors->list(), *lr_value, *mu_value,
-                                         nesterov_value, due_tensor, restore_tensor);
+  lookahead_momentum_update_if_op().call((*lists)[0].list(), (*lists)[1].list(),
+                                         (*lists)[2].list(), *lr_value, *mu_value,
+                                         *nesterov_value, due_tensor, restore_tensor);
   return true;
 }
 
 bool try_found_nonfinite(py::handle tensors, py::handle found, py::handle due) {
   std::optional<at::Tensor> due_tensor;
-  if (at::impl::torch_function_mode_enabled() || !plain_tensor(found) ||
-      !optional_tensor(due, due_tensor)) {
+  if (at::impl::torch_function_mode_enabled() || !plain_flags(found, due, due_tensor)) {
     return false;
   }
-  auto checked = BorrowedTensors::of(tensors);
-  if (!checked) return false;
+  auto lists = borrow_lists({tensors});
+  if (!lists) return false;
   const at::Tensor& found_tensor = THPVariable_Unpack(found.ptr());
   py::gil_scoped_release no_gil;
-  found_nonfinite_op().call(checked->list(), found_tensor, due_tensor);
+  found_nonfinite_op().call((*lists)[0].list(), found_tensor, due_tensor);
   return true;
 }
 

@@ -10,7 +10,7 @@ wrappers here check the Python types of the arguments, then make the one routing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,35 +37,66 @@ def build_info() -> dict[str, Any]:
     return dict(_BUILD_INFO)
 
 
-def _check_tensors(op: str, name: str, tensors: Any) -> None:
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
-        raise TypeError(f"{op}: {name} must be a list of tensors, got {type(tensors).__name__}")
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+# What each argument of an op must be in Python, by kind: the schema's Tensor[] (a list or tuple of
+# tensors), float (a number, not a bool), bool, Tensor and Tensor?.
+_TENSORS, _FLOAT, _BOOL, _TENSOR, _OPTIONAL_TENSOR = "tensors", "float", "bool", "tensor", "tensor?"
+_SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
+    "lookahead_update_": (("slow", _TENSORS), ("fast", _TENSORS), ("alpha", _FLOAT)),
+    "lookahead_update_if_": (
+        ("slow", _TENSORS),
+        ("fast", _TENSORS),
+        ("alpha", _FLOAT),
+        ("due", _TENSOR),
+        ("restore", _OPTIONAL_TENSOR),
+    ),
+    "lookahead_momentum_update_": (
+        ("slow", _TENSORS),
+        ("fast", _TENSORS),
+        ("momentum", _TENSORS),
+        ("lr", _FLOAT),
+        ("mu", _FLOAT),
+        ("nesterov", _BOOL),
+    ),
+    "lookahead_momentum_update_if_": (
+        ("slow", _TENSORS),
+        ("fast", _TENSORS),
+        ("momentum", _TENSORS),
+        ("lr", _FLOAT),
+        ("mu", _FLOAT),
+        ("nesterov", _BOOL),
+        ("due", _TENSOR),
+        ("restore", _OPTIONAL_TENSOR),
+    ),
+    "found_nonfinite_": (("tensors", _TENSORS), ("found", _TENSOR), ("due", _OPTIONAL_TENSOR)),
+}
+_EAGER = {name: getattr(_C, "try_" + name) for name in _SIGNATURES}
+_OPS = {name: getattr(torch.ops.lookahead_cuda, name) for name in _SIGNATURES}
 
 
-def _check_number(op: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+def _check_arguments(op: str, args: Sequence[Any]) -> None:
+    """A ``TypeError`` naming the first argument of the wrong Python type."""
+    for (name, kind), value in zip(_SIGNATURES[op], args):
+        if kind == _TENSORS:
+            if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+                got = type(value).__name__
+                raise TypeError(f"{op}: {name} must be a list of tensors, got {got}")
+            for i, t in enumerate(value):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+        elif kind == _FLOAT and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+        elif kind == _BOOL and not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__}")
+        elif kind in (_TENSOR, _OPTIONAL_TENSOR) and not (
+            isinstance(value, torch.Tensor) or (kind == _OPTIONAL_TENSOR and value is None)
+        ):
+            expected = "a torch.bool tensor" + (" or None" if kind == _OPTIONAL_TENSOR else "")
+            raise TypeError(f"{op}: {name} must be {expected}, got {type(value).__name__}")
 
 
-def _check_bool(op: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__}")
-
-
-def _check_flag(op: str, name: str, flag: Any, optional: bool) -> None:
-    if not (isinstance(flag, torch.Tensor) or (optional and flag is None)):
-        expected = "a torch.bool tensor or None" if optional else "a torch.bool tensor"
-        raise TypeError(f"{op}: {name} must be {expected}, got {type(flag).__name__}")
-
-
-def _call(
-    eager: Callable[..., bool], op: Callable[..., None], check: Callable[[], None], *args: Any
-) -> None:
-    """Run a compiled op: through ``_C``'s eager entry point where it takes the call, through
-    ``torch.ops`` otherwise, after ``check()`` has given any argument of the wrong Python type a
+def _call(op: str, *args: Any) -> None:
+    """Run the compiled op ``op``: through ``_C``'s eager entry point where it takes the call,
+    through ``torch.ops`` otherwise, after any argument of the wrong Python type got a
     ``TypeError`` that names it.
 
     The eager entry points (csrc/python_calls.cpp) call the same registered op through the
@@ -74,10 +105,10 @@ def _call(
     names (no tensor subclass, no bool for a float) and no ``__torch_function__`` mode is active,
     which only ``torch.ops`` honours. torch.compile must see ``torch.ops`` to trace the op.
     """
-    if not torch.compiler.is_compiling() and eager(*args):
+    if not torch.compiler.is_compiling() and _EAGER[op](*args):
         return
-    check()
-    op(*(list(a) if isinstance(a, tuple) else a for a in args))
+    _check_arguments(op, args)
+    _OPS[op](*(list(a) if isinstance(a, tuple) else a for a in args))
 
 
 def lookahead_update_(
@@ -103,20 +134,7 @@ def lookahead_update_(
     (f32, bf16). Call it under ``torch.no_grad()`` when ``fast`` holds parameters. A rejected call
     raises ``ValueError``/``TypeError`` naming the offending argument and changes nothing.
     """
-
-    def check() -> None:
-        _check_tensors("lookahead_update_", "slow", slow)
-        _check_tensors("lookahead_update_", "fast", fast)
-        _check_number("lookahead_update_", "alpha", alpha)
-
-    _call(
-        _C.try_lookahead_update_,
-        torch.ops.lookahead_cuda.lookahead_update_,
-        check,
-        slow,
-        fast,
-        alpha,
-    )
+    _call("lookahead_update_", slow, fast, alpha)
 
 
 def lookahead_update_if_(
@@ -138,24 +156,7 @@ def lookahead_update_if_(
         due: one-element ``torch.bool`` tensor on the tensors' device.
         restore: ``None`` (never restore) or a one-element ``torch.bool`` tensor on that device.
     """
-
-    def check() -> None:
-        _check_tensors("lookahead_update_if_", "slow", slow)
-        _check_tensors("lookahead_update_if_", "fast", fast)
-        _check_number("lookahead_update_if_", "alpha", alpha)
-        _check_flag("lookahead_update_if_", "due", due, optional=False)
-        _check_flag("lookahead_update_if_", "restore", restore, optional=True)
-
-    _call(
-        _C.try_lookahead_update_if_,
-        torch.ops.lookahead_cuda.lookahead_update_if_,
-        check,
-        slow,
-        fast,
-        alpha,
-        due,
-        restore,
-    )
+    _call("lookahead_update_if_", slow, fast, alpha, due, restore)
 
 
 def lookahead_momentum_update_(
@@ -186,25 +187,7 @@ def lookahead_momentum_update_(
         mu: the momentum coefficient, in [0, 1).
         nesterov: Nesterov's form (the default) or heavy ball.
     """
-
-    def check() -> None:
-        for name, tensors in (("slow", slow), ("fast", fast), ("momentum", momentum)):
-            _check_tensors("lookahead_momentum_update_", name, tensors)
-        _check_number("lookahead_momentum_update_", "lr", lr)
-        _check_number("lookahead_momentum_update_", "mu", mu)
-        _check_bool("lookahead_momentum_update_", "nesterov", nesterov)
-
-    _call(
-        _C.try_lookahead_momentum_update_,
-        torch.ops.lookahead_cuda.lookahead_momentum_update_,
-        check,
-        slow,
-        fast,
-        momentum,
-        lr,
-        mu,
-        nesterov,
-    )
+    _call("lookahead_momentum_update_", slow, fast, momentum, lr, mu, nesterov)
 
 
 def lookahead_momentum_update_if_(
@@ -220,30 +203,7 @@ def lookahead_momentum_update_if_(
     """:func:`lookahead_momentum_update_` decided on the device, as :func:`lookahead_update_if_`
     decides the plain sync: nothing unless ``due``; with ``restore``, ``fast <- slow`` with the
     slow weights and the momentum as they are."""
-
-    def check() -> None:
-        op = "lookahead_momentum_update_if_"
-        for name, tensors in (("slow", slow), ("fast", fast), ("momentum", momentum)):
-            _check_tensors(op, name, tensors)
-        _check_number(op, "lr", lr)
-        _check_number(op, "mu", mu)
-        _check_bool(op, "nesterov", nesterov)
-        _check_flag(op, "due", due, optional=False)
-        _check_flag(op, "restore", restore, optional=True)
-
-    _call(
-        _C.try_lookahead_momentum_update_if_,
-        torch.ops.lookahead_cuda.lookahead_momentum_update_if_,
-        check,
-        slow,
-        fast,
-        momentum,
-        lr,
-        mu,
-        nesterov,
-        due,
-        restore,
-    )
+    _call("lookahead_momentum_update_if_", slow, fast, momentum, lr, mu, nesterov, due, restore)
 
 
 def found_nonfinite_(
@@ -255,20 +215,7 @@ def found_nonfinite_(
     One read-only pass on the device; the host does not wait for the answer. With ``due`` (a
     one-element ``torch.bool`` tensor there), nothing is read unless it holds True.
     """
-
-    def check() -> None:
-        _check_tensors("found_nonfinite_", "tensors", tensors)
-        _check_flag("found_nonfinite_", "found", found, optional=False)
-        _check_flag("found_nonfinite_", "due", due, optional=True)
-
-    _call(
-        _C.try_found_nonfinite_,
-        torch.ops.lookahead_cuda.found_nonfinite_,
-        check,
-        tensors,
-        found,
-        due,
-    )
+    _call("found_nonfinite_", tensors, found, due)
 
 
 def foreach_update_(

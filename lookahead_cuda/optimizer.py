@@ -101,6 +101,13 @@ def _check_averaging(
         )
 
 
+def _with_momentum(group: Mapping[str, Any]) -> bool:
+    # A branch, not bool(): torch.compile may trace a float setting as a symbolic float, and only a
+    # branch makes it decide (and guard on) the comparison; a symbolic bool compared with a
+    # Python bool fails inside dynamo.
+    return True if group[MOMENTUM] > 0 else False  # noqa: SIM210
+
+
 def _name(group_index: int, param_index: int) -> str:
     return f"parameter {param_index} of param group {group_index}"
 
@@ -423,7 +430,7 @@ class Lookahead(Optimizer):
         params = group["params"]
         key = (index, id(params[0]), len(params))
         plan = self._plans.get(key)
-        if plan is None or not plan.holds(params, group[MOMENTUM] > 0):
+        if plan is None or not plan.holds(params, _with_momentum(group)):
             plan = self._make_plan(index, group)
             self._plans[key] = plan
         return plan
@@ -448,7 +455,7 @@ class Lookahead(Optimizer):
                         + ", ".join(f"({a}, {b})" for a, b in SUPPORTED_DTYPE_PAIRS)
                     )
                 missing.append((param, dtype))
-        with_momentum = group[MOMENTUM] > 0
+        with_momentum = _with_momentum(group)
         with torch.no_grad():
             if self.process_group is not None and missing:
                 self._broadcast_from_first_worker(param for param, _ in missing)
@@ -608,7 +615,7 @@ class Lookahead(Optimizer):
                     self.process_group,
                     pseudo_gradient_dtype=self.pseudo_gradient_dtype,
                 )
-            momentum = group[MOMENTUM]
+            momentum = float(group[MOMENTUM])  # a Python float even where torch.compile traces one
             calls = [((group[ALPHA], momentum, group[NESTEROV] or momentum == 0), plan.weights)]
             if group[INNER_STATE] == "pullback":
                 # First moments have no outer momentum of their own: they are interpolated with

@@ -9,14 +9,12 @@ distributed_worker.py).
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from distributed_worker import global_batches, make_model, train
+from distributed_worker import global_batches, make_model, run_worker, train
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
@@ -104,35 +102,19 @@ def guard_scenario(rank: int, world: int) -> dict:
     return {"before": before, "after": state(model, opt), "restores": opt.nonfinite_restores}
 
 
-def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo")
-    try:
-        if scenario == "train":
-            result = train_scenario(rank, world)
-        elif scenario == "bf16":
-            result = train_scenario(rank, world, pseudo_gradient_dtype=torch.bfloat16)
-        elif scenario == "offload":
-            result = train_scenario(rank, world, slow_device="cpu")
-        elif scenario in ("resume", "resume-dcp"):
-            result = resume_scenario(rank, world, out, distributed=scenario == "resume-dcp")
-        elif scenario == "guard":
-            result = guard_scenario(rank, world)
-        else:
-            raise ValueError(f"unknown scenario {scenario}")
-        torch.save(result, out / f"{scenario}-{rank}.pt")
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
+    if scenario == "train":
+        return train_scenario(rank, world)
+    if scenario == "bf16":
+        return train_scenario(rank, world, pseudo_gradient_dtype=torch.bfloat16)
+    if scenario == "offload":
+        return train_scenario(rank, world, slow_device="cpu")
+    if scenario in ("resume", "resume-dcp"):
+        return resume_scenario(rank, world, out, distributed=scenario == "resume-dcp")
+    if scenario == "guard":
+        return guard_scenario(rank, world)
+    raise ValueError(f"unknown scenario {scenario}")
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(result_of)

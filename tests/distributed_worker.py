@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,18 +148,14 @@ def restore_scenario(rank: int, world: int) -> dict:
     }
 
 
-def main() -> None:
+def run_worker(result_of: Callable[[str, Path, int, int], dict]) -> None:
+    """A worker's life: join the gloo group, compute ``result_of(scenario, out, rank, world)``,
+    write it to OUT_DIR/SCENARIO-RANK.pt, and leave through os._exit (see the module docstring)."""
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
     try:
-        if scenario.startswith("resume-"):
-            kind = scenario.removeprefix("resume-")
-            result = resume_scenario(kind, rank, world, out / f"checkpoint-{kind}")
-        elif scenario == "restore-fsdp":
-            result = restore_scenario(rank, world)
-        else:
-            result = train_scenario(scenario, rank, world)
+        result = result_of(scenario, out, rank, world)
         torch.save(result, out / f"{scenario}-{rank}.pt")
         dist.barrier()
         dist.destroy_process_group()
@@ -172,5 +169,14 @@ def main() -> None:
     os._exit(0)
 
 
+def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
+    if scenario.startswith("resume-"):
+        kind = scenario.removeprefix("resume-")
+        return resume_scenario(kind, rank, world, out / f"checkpoint-{kind}")
+    if scenario == "restore-fsdp":
+        return restore_scenario(rank, world)
+    return train_scenario(scenario, rank, world)
+
+
 if __name__ == "__main__":
-    main()
+    run_worker(result_of)

@@ -59,9 +59,7 @@ class ReferenceLookahead:
                     for name, buffer in self.first_moments(p):
                         buffer.copy_(self.slow_buffer(p, name, buffer))
             return
-        for p, s in zip(self.params(), self.slow):
-            s.lerp_(p.to(s.dtype), self.alpha)
-            p.copy_(s)
+        self.update_slow()
         if self.inner_state == "reset":
             self.inner.state.clear()
             self.inner.state.update(
@@ -73,6 +71,12 @@ class ReferenceLookahead:
                     slow = self.slow_buffer(p, name, buffer)
                     slow.lerp_(buffer.to(slow.dtype), self.alpha)
                     buffer.copy_(slow)
+
+    def update_slow(self):
+        """The outer step on the weights: Lookahead's lerp (a subclass may take another)."""
+        for p, s in zip(self.params(), self.slow):
+            s.lerp_(p.to(s.dtype), self.alpha)
+            p.copy_(s)
 
     def first_moments(self, p):
         state = self.inner.state.get(p, {})
