@@ -18,4 +18,6 @@ run op-4x4096x4096-fp32 --tensors 4 --numel 16777216 --impl fused foreach
 run op-3000x64x64-fp32 --preset many-small --impl fused foreach
 run op-6x2048x2048-bf16 --tensors 6 --numel 4194304 --fast-dtype bfloat16 --slow-dtype float32 \
   --impl fused foreach
+# The outer-momentum (SNOO) issue's targets: fused vs its foreach form, and its 6-pass floor.
+run momentum-presets --preset resnet50 gpt2 many-small --momentum 0.9
 run e2e-gpt2 --e2e --preset gpt2 --k 5 --reps 5 --warmup 1
