@@ -4,7 +4,8 @@ ZeRO steps the client optimizer (Lookahead) on flat fp32 master partitions and c
 the module's own parameters after each step. ``Lookahead.slow_weights()`` swaps the slow weights
 into those masters, so the module does not see them until they are copied too; at stage 3 the
 client's param groups are even empty between steps. :func:`slow_weights` does both halves, with
-DeepSpeed's own copy functions, and puts everything back on exit.
+DeepSpeed's own copy functions, and puts everything back on exit; :func:`slow_state_dict` exports
+the module on the slow weights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 from lookahead_cuda.optimizer import Lookahead
 
@@ -77,9 +80,32 @@ def slow_weights(engine: Any) -> Iterator[None]:
             zero._clear_fp32_optimizer_param_groups()
     else:
         lookahead.eval()
+    # A checkpoint saved here would hold the slow weights as ZeRO's fp32 masters, and DeepSpeed's
+    # load copies its masters over the fast weights that Lookahead's load puts back.
+    engine.save_checkpoint = _refuse_checkpoint
     try:
         _copy_masters_into_module(zero, stage)
         yield
     finally:
+        del engine.save_checkpoint
         lookahead.train()
         _copy_masters_into_module(zero, stage)
+
+
+def _refuse_checkpoint(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError(
+        "engine.save_checkpoint inside lookahead_cuda.deepspeed_zero.slow_weights(engine): the "
+        "checkpoint would resume with the slow weights as the fast ones; save after the block"
+    )
+
+
+def slow_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """``engine.module.state_dict()`` on the slow weights, copied, full (gathered at stage 3):
+    the model to save for deployment, as ``Lookahead.slow_state_dict(model)`` gives it without
+    DeepSpeed. Training is left as it was."""
+    import deepspeed  # optional: only this function needs it
+
+    params = list(engine.module.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    with slow_weights(engine), deepspeed.zero.GatheredParameters(params, enabled=partitioned):
+        return {name: t.detach().clone() for name, t in engine.module.state_dict().items()}

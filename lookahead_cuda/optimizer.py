@@ -774,9 +774,11 @@ class Lookahead(Optimizer):
         them in the parameter's dtype and device: the model the paper evaluates, to save for
         deployment (``torch.save(opt.slow_state_dict(model), path)``, then ``load_state_dict``
         into a model of the same architecture). Nothing is swapped, so it can be called at any
-        point of training, in either mode."""
+        point of training, in either mode. Refused when this optimizer has slow weights but none
+        for ``module``'s parameters (another model, or DeepSpeed's flat copies)."""
         state = module.state_dict()
         swapped = self._evaluation.slow_and_fast() if self._evaluation is not None else {}
+        found = False
         with torch.no_grad():
             for name, param in module.named_parameters(remove_duplicate=False):
                 slow = self.lookahead_state.get(param, {}).get(SLOW_PARAM)
@@ -785,6 +787,13 @@ class Lookahead(Optimizer):
                 if param in swapped:
                     slow = swapped[param][0]
                 state[name] = slow.detach().to(param.device, param.dtype, copy=True)
+                found = True
+        if not found and any(SLOW_PARAM in entry for entry in self.lookahead_state.values()):
+            raise ValueError(
+                f"slow_state_dict: none of the {type(module).__name__}'s parameters is one this "
+                "Lookahead steps, so it has no slow weights for them (under DeepSpeed ZeRO, which "
+                "steps flat copies of them, use lookahead_cuda.deepspeed_zero.slow_state_dict)"
+            )
         return state
 
     @contextlib.contextmanager

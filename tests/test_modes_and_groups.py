@@ -143,6 +143,22 @@ def test_slow_state_dict_exports_the_slow_weights_as_the_models():
 # -- param groups whose tensors change ----------------------------------------------------------
 
 
+def test_slow_state_dict_of_a_model_it_does_not_step_is_refused():
+    model, opt = trained()
+    other = make_model(torch.float32)
+    with pytest.raises(ValueError, match="none of the Sequential's parameters"):
+        opt.slow_state_dict(other)
+    # A model partly stepped (frozen parameters outside the optimizer) keeps its own values there.
+    partly = torch.nn.Sequential(model, torch.nn.Linear(3, 2))
+    exported = opt.slow_state_dict(partly)
+    assert torch.equal(exported["1.weight"], partly[1].weight)
+    # Before the first step there are no slow weights yet: the parameters are them.
+    fresh = make_model(torch.float32)
+    before = Lookahead(torch.optim.SGD(fresh.parameters(), lr=0.1), k=3).slow_state_dict(fresh)
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(before[name], value)
+
+
 def test_a_group_whose_tensors_alternate_keeps_slow_weights_and_counts_for_each():
     # The smallest reproduction of DeepSpeed ZeRO-3 with two sub-groups: the group holds a, then b,
     # then a, ..., and each is stepped once per round.
