@@ -35,16 +35,18 @@ void update_if_with_aten(at::TensorList slow, at::TensorList fast, double alpha,
 
 namespace {
 
-// (new slow, new momentum) in the math type of the slow dtype.
+// (new slow, new momentum) in the math type of the slow dtype, out of place: to(math) returns
+// slow and momentum themselves when they already are in it, and the gated form must leave them as
+// they are. Each step is add with alpha, one multiply-add, as momentum_element's.
 std::pair<at::Tensor, at::Tensor> momentum_step(const at::Tensor& slow, const at::Tensor& fast,
                                                 const at::Tensor& momentum, double lr, double mu,
                                                 bool nesterov) {
   const auto math = slow.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor start = slow.to(math);
   const at::Tensor pseudo_gradient = start.sub(fast.to(math));
-  const at::Tensor buffer = momentum.to(math).mul_(mu).add_(pseudo_gradient);
+  const at::Tensor buffer = pseudo_gradient.add(momentum.to(math), mu);
   const at::Tensor step = nesterov ? pseudo_gradient.add(buffer, mu) : buffer;
-  return {start.sub_(step, lr), buffer};
+  return {start.sub(step, lr), buffer};
 }
 
 }  // namespace

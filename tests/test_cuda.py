@@ -51,9 +51,10 @@ def test_any_number_of_tensors(count):
     check(slow, fast, 0.5)
 
 
-@pytest.mark.parametrize("offset", [1, 2, 3])
-def test_misaligned_views(offset):
-    base_slow, base_fast = random_lists([100003, 100003], torch.float32, torch.bfloat16)
+@pytest.mark.parametrize(("slow_dtype", "fast_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("offset", [1, 3, 7])  # up to 7 elements to peel (8 fp16 in 16 bytes)
+def test_misaligned_views(slow_dtype, fast_dtype, offset):
+    base_slow, base_fast = random_lists([100003, 100003], slow_dtype, fast_dtype)
     slow = [base_slow[0][offset:], base_slow[1][:-offset]]
     fast = [base_fast[0][offset:], base_fast[1][offset:]]  # slow[1] aligned, fast[1] not
     untouched = base_fast[0][:offset].clone()

@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 from conftest import DTYPE_PAIRS
+from test_gated_ops import DEVICES
 from test_lookahead import (
     INNER,
     ReferenceLookahead,
@@ -101,23 +102,31 @@ def test_many_tensors_and_thread_counts(threads):
 
 @pytest.mark.parametrize("due", [False, True])
 @pytest.mark.parametrize("restore", [None, False, True])
-def test_gated_form(due, restore):
-    slow, fast, momentum = random_triples(SHAPES, torch.float32, torch.bfloat16)
+@pytest.mark.parametrize(
+    ("slow_dtype", "fast_dtype"), [(torch.float32, torch.bfloat16), (torch.float64, torch.float64)]
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_form(due, restore, slow_dtype, fast_dtype, device):
+    slow, fast, momentum = (
+        [t.to(device) for t in ts] for ts in random_triples(SHAPES, slow_dtype, fast_dtype)
+    )
+    # Another element order (ATen's path) for the slow weights and the momentum of one tensor.
+    slow[2], momentum[2] = (t.t().contiguous().t() for t in (slow[2], momentum[2]))
     before = clones(slow, fast, momentum)
-    restore_flag = None if restore is None else torch.tensor(restore)
+    restore_flag = None if restore is None else torch.tensor(restore, device=device)
     lookahead_momentum_update_if_(
-        slow, fast, momentum, 0.7, 0.9, True, torch.tensor(due), restore_flag
+        slow, fast, momentum, 0.7, 0.9, True, torch.tensor(due, device=device), restore_flag
     )
     if not due or restore:
         # Not due: nothing written. Restoring: fast <- slow, slow and momentum as they were.
-        want_fast = before[1] if not due else [s.to(torch.bfloat16) for s in before[0]]
+        want_fast = before[1] if not due else [s.to(fast_dtype) for s in before[0]]
         for got, expected in zip(slow + momentum + fast, before[0] + before[2] + want_fast):
             assert torch.equal(got, expected)
         return
     want = clones(*before)
     reference_(*want, 0.7, 0.9, True)
-    assert_close_lists(slow + momentum, want[0] + want[2], torch.float32)
-    assert all(torch.equal(f, s.to(torch.bfloat16)) for f, s in zip(fast, slow))
+    assert_close_lists(slow + momentum, want[0] + want[2], slow_dtype)
+    assert all(torch.equal(f, s.to(fast_dtype)) for f, s in zip(fast, slow))
 
 
 def test_nan_reaches_the_slow_weights_and_the_momentum():
