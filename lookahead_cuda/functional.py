@@ -40,6 +40,7 @@ import torch
 from lookahead_cuda import _C
 from lookahead_cuda.offload import StagingBuffers, offloaded_update_, runs_by_bytes
 from lookahead_cuda.ops import (
+    SUPPORTED_DTYPE_PAIRS,
     found_nonfinite_,
     lookahead_momentum_update_,
     lookahead_momentum_update_if_,
@@ -189,8 +190,14 @@ def check_buckets(
 
 
 def _check_offloaded(bucket: Bucket) -> None:
+    pair = (bucket.slow[0].dtype, bucket.fast[0].dtype) if bucket.fast else None
     for i, (slow, fast) in enumerate(zip(bucket.slow, bucket.fast)):
         name = bucket.name(i)
+        if (slow.dtype, fast.dtype) != pair or pair not in SUPPORTED_DTYPE_PAIRS:
+            raise TypeError(
+                f"offloaded_update_: {name} has dtype {fast.dtype} with its slow copy in "
+                f"{slow.dtype}; one call syncs one supported (slow, fast) dtype pair, here {pair}"
+            )
         if slow.shape != fast.shape:
             raise ValueError(
                 f"offloaded_update_: the slow copy of {name} has shape {tuple(slow.shape)} but "

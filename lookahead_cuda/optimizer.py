@@ -689,7 +689,14 @@ class Lookahead(Optimizer):
                         continue
                     if not self._copies.is_placed(slow, param):
                         dtype = self._copies.dtype(group[SLOW_DTYPE], param, kept=slow.dtype)
-                        ours[SLOW_PARAM] = self._copies.copy(slow, dtype, param)
+                        ours[SLOW_PARAM] = slow = self._copies.copy(slow, dtype, param)
+                        moved = True
+                    buffer = ours.get(OUTER_MOMENTUM)  # lives with the slow weights, in their dtype
+                    if buffer is not None and (buffer.device, buffer.dtype) != (
+                        slow.device,
+                        slow.dtype,
+                    ):
+                        ours[OUTER_MOMENTUM] = self._copies.copy(buffer, slow.dtype, param)
                         moved = True
         if moved:
             self._forget_plans()

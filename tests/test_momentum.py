@@ -370,3 +370,35 @@ def test_the_divergence_guard_leaves_slow_weights_and_momentum_untouched():
         assert torch.equal(ours["slow_param"], kept[p]["slow_param"])
         assert torch.equal(ours["outer_momentum"], kept[p]["outer_momentum"])
         assert torch.equal(p, ours["slow_param"])
+
+
+def test_the_momentum_follows_a_model_that_changes_dtype():
+    # Converted with the slow weights, as a checkpoint loaded into the converted model converts
+    # both: the two runs agree bitwise.
+    def run(reload):
+        torch.manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7)]
+        opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2, momentum=0.9)
+
+        def steps(count):
+            for _ in range(count):
+                for p in params:
+                    p.grad = torch.sin(3 * p.detach())
+                opt.step()
+
+        steps(5)
+        if reload:
+            saved = opt.state_dict()
+            params = [torch.nn.Parameter(p.detach().double()) for p in params]
+            opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2, momentum=0.9)
+            opt.load_state_dict(saved)
+        else:
+            for p in params:
+                p.data = p.data.double()
+        steps(5)
+        return params, opt
+
+    (moved, opt), (reloaded, _) = run(reload=False), run(reload=True)
+    for p, q in zip(moved, reloaded):
+        assert p.dtype == torch.float64 and torch.equal(p, q)
+        assert opt.lookahead_state[p]["outer_momentum"].dtype == torch.float64

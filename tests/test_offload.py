@@ -99,3 +99,28 @@ def test_the_host_memory_path_is_taken_by_setting_alone(monkeypatch):
     assert not calls
     functional.sync_buckets(buckets, 0.5, offload=StagingBuffers())
     assert len(calls) == 1
+
+
+def test_a_partly_converted_model_is_followed_as_without_offload():
+    # One parameter turned float64 mid-run: its slow copy follows to float64 in host memory, as it
+    # does on the parameter's device by default, instead of rounding it to float32 at each sync.
+    def run(**settings):
+        torch.manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7)]
+        opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2, **settings)
+
+        def steps(count):
+            for _ in range(count):
+                for p in params:
+                    p.grad = torch.sin(3 * p.detach())
+                opt.step()
+
+        steps(3)
+        params[1].data = params[1].data.double()
+        steps(3)
+        return params, opt
+
+    (offloaded, opt), (default, _) = run(slow_device="cpu"), run()
+    for p, q in zip(offloaded, default):
+        assert torch.equal(p, q)
+    assert opt.lookahead_state[offloaded[1]]["slow_param"].dtype == torch.float64
