@@ -410,8 +410,17 @@ class Lookahead(Optimizer):
                 "call opt.train() first (or leave the slow_weights() block)"
             )
 
+    def _give_settings_to_added_groups(self) -> None:
+        # A group added through the inner optimizer (inner.add_param_group) has none of
+        # Lookahead's keys: the defaults, as add_param_group gives them.
+        for group in self.param_groups:
+            if not all(key in group for key in KEYS):
+                for key in KEYS:
+                    group.setdefault(key, self.defaults[key])
+
     def _plans_of_groups(self) -> list[tuple[int, dict[str, Any], _GroupPlan]]:
         """(index, group, plan) of every group with parameters, its settings checked."""
+        self._give_settings_to_added_groups()
         plans = []
         for index, group in enumerate(self.param_groups):
             check_settings(group, f"param group {index}", self.optimizer)
@@ -713,6 +722,7 @@ class Lookahead(Optimizer):
         parameters. State-dict hooks registered on Lookahead run as torch.optim's do."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._give_settings_to_added_groups()
         state_dict = checkpoint.state_dict(self)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)

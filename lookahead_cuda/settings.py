@@ -113,7 +113,8 @@ class GroupSetting:
     def __get__(self, opt: Lookahead | None, owner: type) -> Any:
         if opt is None:
             return self
-        values = {group[self.key] for group in opt.param_groups}
+        # .get: a group added through the inner optimizer gets the defaults at the next step.
+        values = {group.get(self.key, opt.defaults[self.key]) for group in opt.param_groups}
         if len(values) > 1:
             raise ValueError(
                 f"param groups have different {self.key} values {sorted(map(str, values))}; "

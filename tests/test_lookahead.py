@@ -420,6 +420,23 @@ def test_add_param_group():
     assert len(opt.param_groups) == 2
 
 
+def test_a_group_added_through_the_inner_optimizer_gets_the_defaults():
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    inner = torch.optim.SGD([a], lr=0.1)
+    opt = Lookahead(inner, k=2, alpha=0.5)
+    inner.add_param_group({"params": [b]})
+    assert opt.k == 2
+    b0 = b.detach().clone()
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(3), torch.ones(4)
+        opt.step()
+    # Synced after two SGD steps: slow = lerp(b0, fast, 0.5).
+    assert torch.equal(
+        b, b0.lerp(b0.add(torch.ones(4), alpha=-0.1).add(torch.ones(4), alpha=-0.1), 0.5)
+    )
+    assert opt.state_dict()["param_groups"][1]["lookahead_k"] == 2
+
+
 def test_k_and_alpha_change_between_steps_and_per_group():
     model = make_model()
     layers = [model[0], model[2]]
