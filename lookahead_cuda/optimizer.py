@@ -516,20 +516,16 @@ class Lookahead(Optimizer):
         may_sync: Callable[[Mapping[str, Any]], bool],
     ) -> list[tuple[int, dict[str, Any], _GroupPlan]]:
         """Check every bucket the syncs of the groups that ``may_sync`` would call, so that a sync
-        either runs or changes nothing; first follow parameters that moved since their slow
-        weights were placed (which replaces the plans: the updated ones are returned). Syncs
-        decided on the device call the op at every step: with one bucket, its own validation
-        (before it writes anything) suffices."""
+        either runs or changes nothing (the inner step included: this runs before it); first
+        follow parameters that moved since their slow weights were placed (which replaces the
+        plans: the updated ones are returned). Syncs decided on the device are checked at every
+        step: on the host, from the tensors' metadata, without waiting for the device."""
         checked = [(i, group, plan) for i, group, plan in plans if may_sync(group)]
         if not checked:
             return plans
         if any(plan.moved(self._copies) for _, _, plan in checked) and self._follow_parameters():
             plans = [(i, group, self._plan(i, group)) for i, group, _ in plans]
             checked = [(i, group, plan) for i, group, plan in plans if may_sync(group)]
-        if sum(len(plan.weights) for _, _, plan in checked) == 1 and any(
-            self._decides_on_device(self._counter(group)) for _, group, _ in checked
-        ):
-            return plans
         offload = self.slow_device is not None
         try:
             for _, group, plan in checked:

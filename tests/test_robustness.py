@@ -202,6 +202,29 @@ def test_a_sync_that_would_fail_raises_before_the_inner_step_and_changes_nothing
     assert int(opt.lookahead_state[extra]["step"]) == 0
 
 
+def test_a_step_decided_on_the_device_that_would_fail_changes_nothing():
+    # capturable=True with one bucket: its syncs are decided on the device, at every step; the
+    # check still runs on the host before the inner step.
+    model = make_model()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=5, capturable=True)
+
+    def step():
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+
+    step()
+    kept = model[0].bias.data
+    model[0].bias.data = torch.randn(17)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 has shape \[17\]"):
+        step()
+    assert_unchanged(model, opt, before)
+    model[0].bias.data = kept
+    step()
+    assert int(opt.lookahead_state[model[0].weight]["step"]) == 2
+
+
 def test_counts_stay_exact_past_two_to_the_24():
     model = make_model()
     k = 2**24 + 3  # float32 holds 2**24 + 2 but not 2**24 + 3: a float counter never gets there
