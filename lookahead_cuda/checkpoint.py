@@ -187,10 +187,10 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
                 raise ValueError(f"{where}: Lookahead keeps no such entry")
 
     _load_inner(opt.optimizer, {"state": inner_state, "param_groups": merged_groups})
-    # Committed: nothing below can fail on what was loaded.
-    if opt._evaluation is not None:
-        opt._evaluation.undo()
-        opt._evaluation = None
+    # Committed: nothing below can fail on what was loaded. Loaded in evaluation mode, the
+    # parameters keep what they hold: the fast values waiting in the old state are the old run's,
+    # and putting them back would overwrite a model state dict loaded just before.
+    opt._evaluation = None
     opt.lookahead_state = defaultdict(dict, ours)
     with torch.no_grad():
         for param, value in fast_values:

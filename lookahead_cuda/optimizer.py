@@ -731,7 +731,8 @@ class Lookahead(Optimizer):
         case slow weights are taken afresh at the next step). Slow weights land on their
         parameter's device. The whole dict is validated and converted before anything changes: a
         rejected one raises ``ValueError``/``TypeError`` naming the entry and leaves the optimizer
-        as it was. Loading leaves the optimizer in training mode."""
+        as it was. Loading leaves the optimizer in training mode; loaded in evaluation mode, the
+        parameters keep what they hold (a model state dict loaded before or after counts)."""
         state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

@@ -112,6 +112,27 @@ def test_a_checkpoint_taken_in_evaluation_mode_resumes_exactly():
         )
 
 
+@pytest.mark.parametrize("model_first", [True, False])
+def test_loading_into_an_optimizer_in_evaluation_mode_resumes_exactly(model_first):
+    # The running optimizer is in evaluation mode (after an evaluation) when a checkpoint of the
+    # same run is loaded back into it, with the model's state dict before or after.
+    straight_model, straight = trained(steps=7)
+    model, opt = trained(steps=4)
+    model_saved, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, batches(6)[4:])  # on, then evaluation
+    opt.eval()
+    if model_first:
+        model.load_state_dict(model_saved)
+        opt.load_state_dict(saved)
+    else:
+        opt.load_state_dict(saved)
+        model.load_state_dict(model_saved)
+    assert opt.training
+    train(model, opt, batches(7)[4:])
+    assert_same_weights(model, straight_model)
+    assert all(map(torch.equal, slow_values(model, opt), slow_values(straight_model, straight)))
+
+
 def test_state_dict_in_a_slow_weights_block_keeps_the_roles():
     model, opt = trained()
     fast, slow = values(model), slow_values(model, opt)
