@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lookahead_cuda import checkpoint, functional
+from lookahead_cuda import amp, checkpoint, functional
 from lookahead_cuda.evaluation import SlowWeightsInParameters
 from lookahead_cuda.inner_state import InitialInnerState, first_moments
 from lookahead_cuda.offload import StagingBuffers
@@ -274,9 +274,13 @@ class Lookahead(Optimizer):
         self._plans: dict[tuple[int, int, int], _GroupPlan] = {}
         #: The parameters holding the slow weights (evaluation mode), or None (training mode).
         self._evaluation: SlowWeightsInParameters | None = None
-        # GradScaler unscales and skips steps itself for optimizers that say so (fused Adam, ...);
-        # mirroring the flag keeps such an inner optimizer on its fast path.
-        self._step_supports_amp_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
+        # GradScaler leaves unscaling and skipping to optimizers that say so (fused Adam, ...);
+        # mirroring the flag keeps such an inner optimizer on its fast path. Under a process group
+        # Lookahead says so for any inner optimizer, to see (and count) the steps GradScaler skips.
+        self._inner_handles_grad_scaler = getattr(optimizer, "_step_supports_amp_scaling", False)
+        self._step_supports_amp_scaling = (
+            self._inner_handles_grad_scaler or process_group is not None
+        )
         # Optimizer.__init__ installs the hooks machinery and re-adds every group through
         # add_param_group; while adopting, that only gives the inner groups Lookahead's settings.
         self._adopting = True
@@ -373,6 +377,10 @@ class Lookahead(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
             loss = self.optimizer.step(closure)
+        elif not self._inner_handles_grad_scaler:
+            loss = amp.unscale_and_step(
+                self.optimizer, closure, getattr(self, "grad_scale", None), found_inf
+            )
         else:
             # GradScaler hands an amp-aware optimizer its scale and inf flag as attributes.
             self.optimizer.grad_scale = getattr(self, "grad_scale", None)

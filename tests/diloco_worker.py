@@ -102,6 +102,27 @@ def guard_scenario(rank: int, world: int) -> dict:
     return {"before": before, "after": state(model, opt), "restores": opt.nonfinite_restores}
 
 
+SKIPPED_STEP = 2  # under GradScaler, the last process's inner step 2 has an inf gradient
+
+
+def grad_scaler_scenario(rank: int, world: int) -> dict:
+    """Under GradScaler (inner SGD, which leaves scaling to it), the last process skips a step
+    the others take; every process still counts it, and all sync together."""
+    model, opt = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    counts = []
+    for step, (x, y) in enumerate(global_batches(STEPS, world), 1):
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x[rows]), y[rows])).backward()
+        if step == SKIPPED_STEP and rank == world - 1:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        counts.append(int(opt.lookahead_state[next(model.parameters())]["step"]))
+    return {**state(model, opt), "counts": counts, "scale": scaler.get_scale()}
+
+
 def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
     if scenario == "train":
         return train_scenario(rank, world)
@@ -113,6 +134,8 @@ def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
         return resume_scenario(rank, world, out, distributed=scenario == "resume-dcp")
     if scenario == "guard":
         return guard_scenario(rank, world)
+    if scenario == "grad-scaler":
+        return grad_scaler_scenario(rank, world)
     raise ValueError(f"unknown scenario {scenario}")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from diloco_worker import LR, SETTINGS, STEPS, K
+from diloco_worker import LR, SETTINGS, SKIPPED_STEP, STEPS, K
 from distributed_worker import global_batches, make_model
 from test_distributed import run_workers
 from torch import nn
@@ -22,10 +22,11 @@ pytestmark = pytest.mark.skipif(
 WORKER = Path(__file__).with_name("diloco_worker.py")
 
 
-def simulate(world: int, steps: int = STEPS) -> dict:
+def simulate(world: int, steps: int = STEPS, skipped: tuple[int, int] | None = None) -> dict:
     """All the replicas in one process, independently of the optimizer's code: each trains on its
     rows of every batch; every K steps the fast weights are averaged and the outer Nesterov step
-    taken from the common slow weights, which every replica restarts from."""
+    taken from the common slow weights, which every replica restarts from. ``skipped``: (rank,
+    step) of an inner step that replica does not take."""
     alpha, mu = SETTINGS["alpha"], SETTINGS["momentum"]
     models = [make_model() for _ in range(world)]
     inners = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in models]
@@ -40,7 +41,8 @@ def simulate(world: int, steps: int = STEPS) -> dict:
             rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
             inner.zero_grad()
             nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
-            inner.step()
+            if (rank, step) != skipped:
+                inner.step()
         if step % K:
             continue
         with torch.no_grad():
@@ -81,6 +83,25 @@ def test_matches_a_simulation_of_all_replicas(world, tmp_path):
         torch.testing.assert_close(a, b, **close)
     # Replicas diverge between syncs: not a single model trained by all.
     assert not all(torch.equal(a, b) for a, b in zip(results[0]["fast"], results[1]["fast"]))
+
+
+def test_a_step_grad_scaler_skips_on_one_worker_counts_on_every_worker(tmp_path):
+    # GradScaler does not call step() of an optimizer that leaves scaling to it on a skipped step;
+    # under a process group Lookahead takes scaling over, so that the skipped step still counts
+    # and the workers' syncs stay together (they fell out of step, and hung, before).
+    results = run_workers("grad-scaler", tmp_path, 2, WORKER)
+    assert_ranks_agree(results)
+    for result in results:
+        assert result["counts"] == [step % K for step in range(1, STEPS + 1)]
+    assert results[0]["scale"] == 2.0**10 and results[1]["scale"] == 2.0**9
+    # Power-of-two scales unscale exactly: as if the skipping replica had not taken that step.
+    want = simulate(2, skipped=(1, SKIPPED_STEP))
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    for result, fast in zip(results, want["fast"]):
+        for a, b in zip(result["fast"], fast):
+            torch.testing.assert_close(a, b, **close)
+    for a, b in zip(results[0]["slow"], want["slow"]):
+        torch.testing.assert_close(a, b, **close)
 
 
 def test_bf16_pseudo_gradients(tmp_path):

@@ -1,0 +1,47 @@
+"""GradScaler's side of a step, for an inner optimizer that leaves it to GradScaler.
+
+GradScaler never calls ``step()`` of such an optimizer on a step it skips (inf/NaN gradients), so
+a wrapper cannot see, or count, that step. Under a process group every worker must count every
+step (their syncs call a collective together), so Lookahead then tells GradScaler it handles
+scaling itself, and does here what GradScaler would have done: unscale the gradients exactly as
+``GradScaler.unscale_`` does, and step unless an inf or NaN was found.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+
+def unscale_and_step(
+    optimizer: torch.optim.Optimizer,
+    closure: Callable[[], float] | None,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor,
+) -> float | None:
+    """``optimizer``'s gradients divided by ``grad_scale`` (None: GradScaler.unscale_ already
+    did), then ``optimizer.step(closure)`` unless ``found_inf`` is nonzero (read on the host, as
+    GradScaler reads it)."""
+    if grad_scale is not None:
+        grads: defaultdict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise ValueError(
+                        "Lookahead(process_group=...) under GradScaler unscales the gradients "
+                        "itself and does not handle sparse ones; use dense gradients, or an "
+                        "inner optimizer that unscales them (fused=True)"
+                    )
+                grads[param.grad.device, param.grad.dtype].append(param.grad)
+        # GradScaler.unscale_'s inverse: the reciprocal in float64, rounded to float32.
+        inv_scale = grad_scale.double().reciprocal().float()
+        for (device, _), tensors in grads.items():
+            ignored = torch.zeros(1, device=device)  # found_inf is known already
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, ignored, inv_scale.to(device))
+    if found_inf.item():
+        return None
+    return optimizer.step(closure)
