@@ -13,17 +13,26 @@ from lookahead_cuda.settings import FIRST_MOMENT_BUFFERS
 
 class InitialInnerState:
     """The state some optimizers create for every parameter at construction (Adagrad's ``sum`` and
-    ``step``, before torch 2.13) rather than at their first step: a reset must recreate it, since
-    the inner optimizer will not. Constant tensors (Adagrad's ``sum`` starts at
-    ``initial_accumulator_value``) are kept as their value, anything else as a copy.
+    ``step``) rather than at their first step: a reset must recreate it, since the inner optimizer
+    may not. For a parameter not stepped yet (``step`` 0) it is the entry the optimizer holds; for
+    one it stepped before Lookahead wrapped it (a warm start), what a fresh instance of its class
+    creates, learnt from one built on a one-element stand-in (none if that cannot be built).
+    Constant tensors (Adagrad's ``sum`` starts at ``initial_accumulator_value``) are kept as their
+    value, anything else as a copy.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self._entries: dict[torch.Tensor, dict[str, Any]] = {}
         with torch.no_grad():
-            for param, entry in optimizer.state.items():
-                if entry:
-                    self._entries[param] = {name: _compact(v) for name, v in entry.items()}
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    entry = optimizer.state.get(param)
+                    if not entry:
+                        continue
+                    if "step" not in entry or float(entry["step"]) != 0:
+                        entry = _as_constructed(optimizer, group, param)
+                    if entry:
+                        self._entries[param] = {name: _compact(v) for name, v in entry.items()}
 
     def reset(self, state: dict[torch.Tensor, Any], params: Iterable[torch.Tensor]) -> None:
         """Restart the inner state of ``params``: as the optimizer created it, or none."""
@@ -32,6 +41,26 @@ class InitialInnerState:
             initial = self._entries.get(param)
             if initial is not None:
                 state[param] = {name: _expand(v) for name, v in initial.items()}
+
+
+def _as_constructed(
+    optimizer: torch.optim.Optimizer, group: Mapping[str, Any], param: torch.Tensor
+) -> dict[str, Any] | None:
+    """The entry a fresh optimizer of ``optimizer``'s class and ``group``'s hyperparameters would
+    create for ``param`` at construction: its entry for a one-element stand-in, with tensors of
+    the stand-in's shape filled to ``param``'s."""
+    stand_in = torch.zeros(1, dtype=param.dtype, device=param.device, requires_grad=True)
+    hyperparameters = {key: value for key, value in group.items() if key != "params"}
+    try:
+        fresh = type(optimizer)([{**hyperparameters, "params": [stand_in]}])
+    except Exception:  # a class that cannot be built so: assume it creates nothing
+        return None
+    return {
+        name: torch.full(param.shape, value.item(), dtype=value.dtype, device=value.device)
+        if isinstance(value, torch.Tensor) and value.shape == stand_in.shape
+        else value
+        for name, value in fresh.state.get(stand_in, {}).items()
+    }
 
 
 def _compact(value: Any) -> Any:

@@ -35,8 +35,12 @@ class ReferenceLookahead:
         self.count = 0
         self.restores = 0
         # What "reset" restarts from: the state the optimizer made at construction (Adagrad's
-        # before torch 2.13), or none.
-        self.initial_state = {p: copy.deepcopy(entry) for p, entry in inner.state.items()}
+        # before torch 2.13), or none; not the state of steps taken before it was wrapped.
+        self.initial_state = {
+            p: copy.deepcopy(entry)
+            for p, entry in inner.state.items()
+            if "step" in entry and float(entry["step"]) == 0
+        }
 
     def params(self):
         return [p for group in self.inner.param_groups for p in group["params"]]
@@ -154,6 +158,23 @@ def test_matches_reference(name, inner_state, k, alpha):
     assert_same_weights(ours_model, ref_model)
     for p, slow in zip(ours_model.parameters(), ref.slow):
         assert torch.equal(ours.lookahead_state[p]["slow_param"], slow)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adagrad"])
+def test_reset_restarts_a_warm_started_inner_optimizer_as_a_fresh_one(name):
+    # The inner optimizer trained alone first: a reset gives it the state a fresh instance holds
+    # (Adagrad's construction-time step 0 and sum; none for AdamW), not its warm-start state.
+    model = make_model()
+    inner = INNER[name](model.parameters())
+    fresh = INNER[name](make_model().parameters())
+    train(model, inner, batches(3))
+    opt = Lookahead(inner, k=2, inner_state="reset")
+    train(model, opt, batches(5)[3:])  # one sync, then the reset
+    for p, q in zip(model.parameters(), fresh.param_groups[0]["params"]):
+        assert opt.state[p].keys() == fresh.state[q].keys()
+        for key, value in fresh.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    train(model, opt, batches(6)[5:])  # and it steps on from there
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
