@@ -679,6 +679,10 @@ class Lookahead(Optimizer):
                 slow = ours.get("slow_" + name)
                 if slow is None or slow.shape != buffer.shape:
                     dtype = self._copies.dtype(group[SLOW_DTYPE], buffer)
+                    if (dtype, buffer.dtype) not in SUPPORTED_DTYPE_PAIRS:
+                        # A slow_dtype set after the slow weights were taken (they keep theirs):
+                        # made here, after the inner step, this copy must not fail the sync.
+                        dtype = buffer.dtype
                     slow = self._copies.copy(buffer, dtype, buffer).zero_()
                 elif not self._copies.is_placed(slow, buffer):  # the model moved
                     slow = self._copies.copy(

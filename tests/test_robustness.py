@@ -225,6 +225,29 @@ def test_a_step_decided_on_the_device_that_would_fail_changes_nothing():
     assert int(opt.lookahead_state[model[0].weight]["step"]) == 2
 
 
+def test_a_pullback_copy_made_after_slow_dtype_changed_does_not_fail_the_sync():
+    # The bias gets its first gradient, so its momentum buffer, after slow_dtype was changed to
+    # one the float32 buffer cannot pair with: its slow copy is made in the buffer's dtype.
+    weight, bias = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(3))
+    opt = Lookahead(
+        torch.optim.SGD([weight, bias], lr=0.1, momentum=0.9), k=2, inner_state="pullback"
+    )
+
+    def step(with_bias):
+        weight.grad = torch.sin(weight.detach())
+        bias.grad = torch.cos(bias.detach()) if with_bias else None
+        opt.step()
+
+    step(False)
+    step(False)  # synced: the bias has no buffer yet
+    opt.slow_dtype = torch.bfloat16
+    step(True)
+    step(True)  # synced: the bias's buffer gets a slow copy
+    ours = opt.lookahead_state[bias]
+    assert ours["slow_momentum_buffer"].dtype == torch.float32
+    assert int(opt.lookahead_state[weight]["step"]) == 0
+
+
 def test_counts_stay_exact_past_two_to_the_24():
     model = make_model()
     k = 2**24 + 3  # float32 holds 2**24 + 2 but not 2**24 + 3: a float counter never gets there
