@@ -245,6 +245,12 @@ def sync_buckets(
     A call that fails validation raises ``ValueError``/``TypeError`` and changes its bucket in no
     way; use :func:`check_buckets` first to keep earlier buckets unchanged too.
     """
+    for name, flag in (("due", due), ("restore", restore)):
+        if flag is not None and not isinstance(flag, torch.Tensor):
+            raise TypeError(
+                f"sync_buckets: {name} must be a one-element torch.bool tensor or None, got "
+                f"{type(flag).__name__}"
+            )
     for (device, _, _), bucket in buckets.items():
         if not bucket.fast:
             continue
@@ -422,8 +428,16 @@ def lookahead_sync(
             + "; the lists pair up element by element"
         )
     buckets = bucket_pairs(zip(slow, fast), momentum=momentum_buffers)
+    if not buckets:  # nothing to sync: the arguments are still checked, as the ops check them
+        if momentum > 0:
+            lookahead_momentum_update_([], [], [], alpha, momentum, nesterov)
+        else:
+            lookahead_update_([], [], alpha)
     if (len(buckets) > 1 or offload is not None) and not torch.compiler.is_compiling():
-        check_buckets(buckets, alpha, momentum=momentum, offload=offload is not None)
+        # Named by their place in the caller's lists, not in their bucket.
+        names = (f"fast[{i}]" for i in range(len(fast)))
+        named = bucket_pairs(zip(slow, fast), names, momentum=momentum_buffers)
+        check_buckets(named, alpha, momentum=momentum, offload=offload is not None)
     sync_buckets(
         buckets,
         alpha,

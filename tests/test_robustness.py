@@ -308,3 +308,30 @@ def test_a_scheduler_rejects_a_state_dict_that_is_not_its_own():
         schedule.load_state_dict({k: v for k, v in saved.items() if k != "last_epoch"})
     assert schedule.optimizer is opt
     schedule.step()
+
+
+# -- the functional core ------------------------------------------------------------------------
+
+
+def test_lookahead_sync_names_bad_input_by_its_place_in_the_lists():
+    from lookahead_cuda.functional import lookahead_sync
+
+    slow = [torch.randn(3), torch.randn(2, dtype=torch.float64), torch.randn(4)]
+    fast = [torch.randn(3), torch.randn(2, dtype=torch.float64), torch.randn(5)]
+    before = [t.clone() for t in slow + fast]
+    # Two buckets (float32, float64); the bad pair is the second of the float32 bucket.
+    with pytest.raises(
+        ValueError, match=r"the slow copy of fast\[2\] has shape \[4\] but fast\[2\]"
+    ):
+        lookahead_sync(slow, fast, 0.5)
+    assert all(map(torch.equal, slow + fast, before))
+    with pytest.raises(TypeError, match=r"due must be a one-element torch\.bool tensor or None"):
+        lookahead_sync(slow[:2], fast[:2], 0.5, due=True)
+    with pytest.raises(TypeError, match=r"restore must be a one-element torch\.bool tensor"):
+        lookahead_sync(slow[:2], fast[:2], 0.5, due=torch.tensor(True), restore=False)
+    assert all(map(torch.equal, slow + fast, before))
+    for alpha, error in ((2.0, ValueError), ("x", TypeError)):
+        with pytest.raises(error, match="alpha"):
+            lookahead_sync([], [], alpha)
+    with pytest.raises(ValueError, match="mu"):
+        lookahead_sync([], [], 0.5, momentum_buffers=[], momentum=1.5)
