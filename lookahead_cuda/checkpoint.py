@@ -77,12 +77,19 @@ def _gathered(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     return torch.stack(parts)
 
 
+_LARGEST_COUNT = torch.iinfo(torch.int64).max
+
+
 def _count(value: Any, where: str) -> int:
     if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.is_complex():
         raise TypeError(f"{where} must be a one-element real tensor, got {_describe(value)}")
+    if value.device.type == "meta":
+        raise ValueError(f"{where} is on the meta device: it holds no count to load")
     number = value.item()
     if isinstance(number, bool) or not math.isfinite(number) or number < 0 or number != int(number):
         raise ValueError(f"{where} must be a whole number >= 0, got {number!r}")
+    if number > _LARGEST_COUNT:
+        raise ValueError(f"{where} is {number!r}, past what the int64 counter holds")
     return int(number)
 
 

@@ -73,6 +73,16 @@ BAD_DICTS = {
     ),
     "negative step": (bad_entry("lookahead_step", torch.tensor(-1)), ValueError, "whole number"),
     "fractional step": (bad_entry("lookahead_step", torch.tensor(1.5)), ValueError, "whole number"),
+    "meta step": (
+        bad_entry("lookahead_step", torch.empty((), device="meta")),
+        ValueError,
+        "lookahead_step of parameter 0 is on the meta device",
+    ),
+    "huge step": (
+        bad_entry("lookahead_step", torch.tensor(1e30)),
+        ValueError,
+        r"lookahead_step of parameter 0 is [0-9.]+e\+30, past what the int64 counter holds",
+    ),
     "list slow weights": (
         bad_entry("lookahead_slow_param", [1.0, 2.0]),
         TypeError,
