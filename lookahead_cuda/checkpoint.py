@@ -141,7 +141,7 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
                 f"the optimizer's has {len(group['params'])}"
             )
         merged = {**{key: group[key] for key in KEYS}, **saved_group}
-        check_settings(merged, f"loaded param group {index}", opt.optimizer)
+        check_settings(merged, f"loaded param group {index}", opt.optimizer, opt.capturable)
         merged_groups.append(merged)
 
     params = [p for group in groups for p in group["params"]]

@@ -241,9 +241,9 @@ class Lookahead(Optimizer):
             MOMENTUM: momentum,
             NESTEROV: nesterov,
         }
-        check_settings(settings, "Lookahead()", optimizer)
         if not isinstance(capturable, bool):
             raise TypeError(f"Invalid capturable: {capturable!r}; expected True or False")
+        check_settings(settings, "Lookahead()", optimizer, capturable)
         if slow_device is not None and torch.device(slow_device).type != "cpu":
             raise ValueError(
                 f"Invalid slow_device: {slow_device!r}; expected None (each parameter's device) "
@@ -256,7 +256,9 @@ class Lookahead(Optimizer):
             )
         _check_averaging(process_group, pseudo_gradient_dtype, capturable)
         for group in optimizer.param_groups:
-            check_settings({**settings, **group}, "a param group of the inner optimizer", optimizer)
+            check_settings(
+                {**settings, **group}, "a param group of the inner optimizer", optimizer, capturable
+            )
 
         self.optimizer = optimizer
         self.capturable = capturable
@@ -345,7 +347,9 @@ class Lookahead(Optimizer):
         default to the constructor's. Its slow weights are taken at the next :meth:`step`."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
-        check_settings({**self.defaults, **param_group}, "the new param group", self.optimizer)
+        check_settings(
+            {**self.defaults, **param_group}, "the new param group", self.optimizer, self.capturable
+        )
         for key in KEYS:
             param_group.setdefault(key, self.defaults[key])
         if not self._adopting:
@@ -431,12 +435,7 @@ class Lookahead(Optimizer):
         self._give_settings_to_added_groups()
         plans = []
         for index, group in enumerate(self.param_groups):
-            check_settings(group, f"param group {index}", self.optimizer)
-            if self.capturable and group[INNER_STATE] == "reset":
-                raise ValueError(
-                    "inner_state='reset' drops the inner optimizer's state on the host, which a "
-                    "capturable Lookahead never consults; use 'keep' or 'pullback'"
-                )
+            check_settings(group, f"param group {index}", self.optimizer, self.capturable)
             if group["params"]:
                 plans.append((index, group, self._plan(index, group)))
         return plans

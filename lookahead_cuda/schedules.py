@@ -84,6 +84,7 @@ class LookaheadScheduler:
                 {**group, ALPHA: alpha, K: k},
                 f"{type(self).__name__} at epoch {epoch}, param group {index}",
                 self.optimizer.optimizer,
+                self.optimizer.capturable,
             )
         for group, alpha, k in zip(groups, alphas, ks):
             group[ALPHA] = alpha

@@ -40,10 +40,13 @@ WITHOUT_FIRST_MOMENT = tuple(
 
 
 def check_settings(
-    settings: Mapping[str, Any], where: str, optimizer: torch.optim.Optimizer
+    settings: Mapping[str, Any],
+    where: str,
+    optimizer: torch.optim.Optimizer,
+    capturable: bool = False,
 ) -> None:
     """Raise ValueError naming ``where`` unless every Lookahead key of ``settings`` holds a valid
-    value for a Lookahead around ``optimizer``."""
+    value for a Lookahead around ``optimizer`` (``capturable``: a capturable one)."""
     k = settings[K]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"Invalid k in {where}: {k!r}; expected an integer >= 1")
@@ -74,6 +77,11 @@ def check_settings(
     if inner_state not in INNER_STATE_MODES:
         raise ValueError(
             f"Invalid inner_state in {where}: {inner_state!r}; expected one of {INNER_STATE_MODES}"
+        )
+    if inner_state == "reset" and capturable:
+        raise ValueError(
+            f"Invalid inner_state in {where}: 'reset' drops the inner optimizer's state on the "
+            "host, which a capturable Lookahead never consults; use 'keep' or 'pullback'"
         )
     if inner_state == "pullback" and isinstance(optimizer, WITHOUT_FIRST_MOMENT):
         raise ValueError(
@@ -127,7 +135,7 @@ class GroupSetting:
         if self.check is not None:
             self.check(value, where)
         else:
-            check_settings({**opt.defaults, self.key: value}, where, opt.optimizer)
+            check_settings({**opt.defaults, self.key: value}, where, opt.optimizer, opt.capturable)
         opt.defaults[self.key] = value
         for group in opt.param_groups:
             group[self.key] = value

@@ -62,17 +62,34 @@ def test_capturable_never_branches_on_the_host(monkeypatch):
     assert len(calls) == 6
 
 
-def test_capturable_rejects_reset():
+def test_capturable_rejects_reset_however_it_is_set():
     model = make_model()
-    opt = Lookahead(
-        torch.optim.SGD(model.parameters(), lr=0.1), capturable=True, inner_state="reset"
-    )
+
+    def sgd():
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    refused = r"Invalid inner_state in .*'reset' .* capturable"
+    with pytest.raises(ValueError, match=refused):
+        Lookahead(sgd(), capturable=True, inner_state="reset")
+    opt = Lookahead(sgd(), capturable=True)
+    train(model, opt, batches(1))
+    with pytest.raises(ValueError, match=refused):
+        opt.inner_state = "reset"
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lookahead_inner_state"] = "reset"
+    with pytest.raises(ValueError, match=refused):
+        opt.load_state_dict(saved)
+    with pytest.raises(ValueError, match=refused):
+        opt.add_param_group(
+            {"params": [torch.nn.Parameter(torch.randn(2))], "lookahead_inner_state": "reset"}
+        )
+    opt.param_groups[0]["lookahead_inner_state"] = "reset"  # edited directly: refused at the step
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"inner_state='reset'.*capturable"):
+    with pytest.raises(ValueError, match=refused):
         train(model, opt, batches(1))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     with pytest.raises(TypeError, match="Invalid capturable: 1"):
-        Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), capturable=1)
+        Lookahead(sgd(), capturable=1)
 
 
 def test_capturable_resumes_exactly():
