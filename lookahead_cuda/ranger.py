@@ -127,6 +127,7 @@ class Ranger(Lookahead):
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Centralize the gradients, then one RAdam step; every k-th, the slow update."""
+        self._check_training("step")  # before the gradients are touched
         loss = None
         if closure is not None:
             with torch.enable_grad():

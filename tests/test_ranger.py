@@ -202,6 +202,12 @@ def test_is_a_lookahead_with_its_api():
     fast = [p.detach().clone() for p in model.parameters()]
     with ranger.slow_weights():
         assert not all(torch.equal(p, f) for p, f in zip(model.parameters(), fast))
+        # Refused in evaluation mode before the gradients are centralized.
+        loss_of(model, *batches(1)[0]).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match=r"step\(\) in evaluation mode"):
+            ranger.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     assert all(torch.equal(p, f) for p, f in zip(model.parameters(), fast))
 
 
