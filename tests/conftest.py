@@ -17,3 +17,13 @@ def reference_update_(slow: list[torch.Tensor], fast: list[torch.Tensor], alpha:
     for s, f in zip(slow, fast):
         s.lerp_(f.to(s.dtype), alpha)
         f.copy_(s)
+
+
+def steps_on_sin_gradients(opt: torch.optim.Optimizer, count: int) -> None:
+    """``count`` steps of ``opt`` with gradients made from the parameters (sin(3p)): a short run
+    without a model, for tests that change parameters in place between steps."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for _ in range(count):
+        for p in params:
+            p.grad = torch.sin(3 * p.detach())
+        opt.step()

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import DTYPE_PAIRS
+from conftest import DTYPE_PAIRS, steps_on_sin_gradients
 from test_gated_ops import DEVICES
 from test_lookahead import (
     INNER,
@@ -379,14 +379,7 @@ def test_the_momentum_follows_a_model_that_changes_dtype():
         torch.manual_seed(3)
         params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7)]
         opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2, momentum=0.9)
-
-        def steps(count):
-            for _ in range(count):
-                for p in params:
-                    p.grad = torch.sin(3 * p.detach())
-                opt.step()
-
-        steps(5)
+        steps_on_sin_gradients(opt, 5)
         if reload:
             saved = opt.state_dict()
             params = [torch.nn.Parameter(p.detach().double()) for p in params]
@@ -395,7 +388,7 @@ def test_the_momentum_follows_a_model_that_changes_dtype():
         else:
             for p in params:
                 p.data = p.data.double()
-        steps(5)
+        steps_on_sin_gradients(opt, 5)
         return params, opt
 
     (moved, opt), (reloaded, _) = run(reload=False), run(reload=True)

@@ -4,7 +4,7 @@ test_cuda.py."""
 
 import pytest
 import torch
-from conftest import DTYPE_PAIRS, reference_update_
+from conftest import DTYPE_PAIRS, reference_update_, steps_on_sin_gradients
 from test_lookahead import assert_same_weights, batches, make_model, train
 
 from lookahead_cuda import Lookahead, functional
@@ -108,16 +108,9 @@ def test_a_partly_converted_model_is_followed_as_without_offload():
         torch.manual_seed(4)
         params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 7)]
         opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=2, **settings)
-
-        def steps(count):
-            for _ in range(count):
-                for p in params:
-                    p.grad = torch.sin(3 * p.detach())
-                opt.step()
-
-        steps(3)
+        steps_on_sin_gradients(opt, 3)
         params[1].data = params[1].data.double()
-        steps(3)
+        steps_on_sin_gradients(opt, 3)
         return params, opt
 
     (offloaded, opt), (default, _) = run(slow_device="cpu"), run()
