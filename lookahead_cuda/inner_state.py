@@ -3,6 +3,7 @@ restarts it, ``"pullback"`` interpolates its first moments toward their own slow
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -52,7 +53,11 @@ def _as_constructed(
     stand_in = torch.zeros(1, dtype=param.dtype, device=param.device, requires_grad=True)
     hyperparameters = {key: value for key, value in group.items() if key != "params"}
     try:
-        fresh = type(optimizer)([{**hyperparameters, "params": [stand_in]}])
+        # Also as constructor arguments: Adagrad fills its state from its own
+        # initial_accumulator_value, not from the group's.
+        accepted = inspect.signature(type(optimizer)).parameters
+        arguments = {k: v for k, v in hyperparameters.items() if k in accepted}
+        fresh = type(optimizer)([{**hyperparameters, "params": [stand_in]}], **arguments)
     except Exception:  # a class that cannot be built so: assume it creates nothing
         return None
     return {

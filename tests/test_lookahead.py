@@ -160,13 +160,19 @@ def test_matches_reference(name, inner_state, k, alpha):
         assert torch.equal(ours.lookahead_state[p]["slow_param"], slow)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adagrad"])
+WARM_STARTED = {
+    "adamw": INNER["adamw"],
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05, initial_accumulator_value=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(WARM_STARTED))
 def test_reset_restarts_a_warm_started_inner_optimizer_as_a_fresh_one(name):
     # The inner optimizer trained alone first: a reset gives it the state a fresh instance holds
     # (Adagrad's construction-time step 0 and sum; none for AdamW), not its warm-start state.
     model = make_model()
-    inner = INNER[name](model.parameters())
-    fresh = INNER[name](make_model().parameters())
+    inner = WARM_STARTED[name](model.parameters())
+    fresh = WARM_STARTED[name](make_model().parameters())
     train(model, inner, batches(3))
     opt = Lookahead(inner, k=2, inner_state="reset")
     train(model, opt, batches(5)[3:])  # one sync, then the reset
@@ -509,6 +515,52 @@ def test_grad_scaler_skipped_step_does_not_count(fused):
         assert torch.equal(
             skipped.lookahead_state[p]["slow_param"], clean.lookahead_state[q]["slow_param"]
         )
+
+
+def test_a_step_that_raises_under_grad_scaler_leaves_no_scale_behind():
+    # GradScaler removes the grad_scale and found_inf it gives an amp-aware optimizer only after a
+    # step that returned; left, they would unscale the next plain step's gradients again.
+    model = make_model()
+    opt = Lookahead(torch.optim.Adam(model.parameters(), lr=0.01, fused=True), k=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = batches(1)[0]
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    opt.eval()
+    with pytest.raises(RuntimeError, match="evaluation mode"):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_the_unscale_lookahead_does_for_diloco_workers_is_grad_scalers():
+    # lookahead_cuda.amp against GradScaler.unscale_ itself, on dense and sparse gradients, at a
+    # scale that is not a power of two (so the reciprocal's rounding shows).
+    from lookahead_cuda.amp import unscale_and_step
+
+    def make():
+        torch.manual_seed(5)
+        dense, table = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(6, 2))
+        dense.grad = torch.randn(4, 3) * 3**7
+        table.grad = torch.sparse_coo_tensor([[0, 4, 4]], torch.randn(3, 2) * 3**7, (6, 2))
+        return [dense, table], torch.optim.SGD([dense, table], lr=0.1)
+
+    scale = torch.tensor(float(3**7))
+    params, opt = make()
+    unscale_and_step(opt, None, scale, torch.zeros(()))
+    ref_params, ref_opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=float(3**7))
+    scaler.scale(torch.ones(()))  # GradScaler makes its scale tensor at its first scale()
+    scaler.unscale_(ref_opt)
+    ref_opt.step()
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+    params, opt = make()
+    before = [p.detach().clone() for p in params]
+    unscale_and_step(opt, None, None, torch.ones(()))  # an inf was found: no step
+    assert all(map(torch.equal, params, before))
+    half = nn.Parameter(torch.randn(3, dtype=torch.float16))
+    half.grad = torch.ones(3, dtype=torch.float16)
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        unscale_and_step(torch.optim.SGD([half], lr=0.1), None, scale, torch.zeros(()))
 
 
 def test_sync_now():
