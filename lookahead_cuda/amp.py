@@ -30,13 +30,11 @@ def unscale_and_step(
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise ValueError(
-                        "Lookahead(process_group=...) under GradScaler unscales the gradients "
-                        "itself and does not handle sparse ones; use dense gradients, or an "
-                        "inner optimizer that unscales them (fused=True)"
-                    )
-                grads[param.grad.device, param.grad.dtype].append(param.grad)
+                if param.grad.dtype == torch.float16:
+                    raise ValueError("Attempting to unscale FP16 gradients.")  # GradScaler's words
+                # Of a sparse gradient, its values, as GradScaler unscales them.
+                grad = param.grad._values() if param.grad.is_sparse else param.grad
+                grads[grad.device, grad.dtype].append(grad)
         # GradScaler.unscale_'s inverse: the reciprocal in float64, rounded to float32.
         inv_scale = grad_scale.double().reciprocal().float()
         for (device, _), tensors in grads.items():

@@ -368,6 +368,18 @@ class Lookahead(Optimizer):
         A step whose slow update would be rejected (a parameter replaced by one of another shape,
         say) raises before the inner step runs, and changes nothing.
         """
+        if getattr(self, "found_inf", None) is None:
+            return self._step(closure)
+        try:
+            return self._step(closure)
+        except BaseException:
+            # GradScaler removes the attributes it set only after a step that returned: left, the
+            # next plain step() would unscale the gradients by a stale scale.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _step(self, closure: Callable[[], float] | None) -> float | None:
         self._check_training("step")
         if self.process_group is not None and torch.compiler.is_compiling():
             raise RuntimeError(
@@ -422,12 +434,15 @@ class Lookahead(Optimizer):
                 "call opt.train() first (or leave the slow_weights() block)"
             )
 
+    #: The param-group keys of this optimizer's own settings (a subclass adds its own).
+    _SETTING_KEYS: tuple[str, ...] = KEYS
+
     def _give_settings_to_added_groups(self) -> None:
         # A group added through the inner optimizer (inner.add_param_group) has none of
         # Lookahead's keys: the defaults, as add_param_group gives them.
         for group in self.param_groups:
-            if not all(key in group for key in KEYS):
-                for key in KEYS:
+            if not all(key in group for key in self._SETTING_KEYS):
+                for key in self._SETTING_KEYS:
                     group.setdefault(key, self.defaults[key])
 
     def _plans_of_groups(self) -> list[tuple[int, dict[str, Any], _GroupPlan]]:
@@ -800,7 +815,8 @@ class Lookahead(Optimizer):
         deployment (``torch.save(opt.slow_state_dict(model), path)``, then ``load_state_dict``
         into a model of the same architecture). Nothing is swapped, so it can be called at any
         point of training, in either mode. Refused when this optimizer has slow weights but none
-        for ``module``'s parameters (another model, or DeepSpeed's flat copies)."""
+        for ``module``'s trainable parameters (another model, or DeepSpeed's flat copies); a
+        frozen module's is its own."""
         state = module.state_dict()
         swapped = self._evaluation.slow_and_fast() if self._evaluation is not None else {}
         found = False
@@ -813,7 +829,8 @@ class Lookahead(Optimizer):
                     slow = swapped[param][0]
                 state[name] = slow.detach().to(param.device, param.dtype, copy=True)
                 found = True
-        if not found and any(SLOW_PARAM in entry for entry in self.lookahead_state.values()):
+        trainable = any(param.requires_grad for param in module.parameters())
+        if not found and trainable and any(SLOW_PARAM in e for e in self.lookahead_state.values()):
             raise ValueError(
                 f"slow_state_dict: none of the {type(module).__name__}'s parameters is one this "
                 "Lookahead steps, so it has no slow weights for them (under DeepSpeed ZeRO, which "
