@@ -61,6 +61,9 @@ def slow_weights(engine: Any) -> Iterator[None]:
     a DeepSpeed release no longer has them.
     """
     lookahead = _lookahead_of(engine)
+    if engine.__dict__.get("save_checkpoint") is _refuse_checkpoint:  # inside a block already
+        yield
+        return
     zero = engine.optimizer
     stage = engine.zero_optimization_stage()
     if stage == 3:
@@ -82,12 +85,16 @@ def slow_weights(engine: Any) -> Iterator[None]:
         lookahead.eval()
     # A checkpoint saved here would hold the slow weights as ZeRO's fp32 masters, and DeepSpeed's
     # load copies its masters over the fast weights that Lookahead's load puts back.
+    own = engine.__dict__.get("save_checkpoint")  # one set on the instance, kept
     engine.save_checkpoint = _refuse_checkpoint
     try:
         _copy_masters_into_module(zero, stage)
         yield
     finally:
-        del engine.save_checkpoint
+        if own is None:
+            del engine.save_checkpoint
+        else:
+            engine.save_checkpoint = own
         lookahead.train()
         _copy_masters_into_module(zero, stage)
 

@@ -184,9 +184,16 @@ def check_buckets(
             _check_offloaded(bucket)
         else:
             buffers = bucket.momentum if momentum > 0 else None
-            _C.check_sync(
-                bucket.slow, bucket.fast, buffers, float(alpha), float(momentum), bucket.names or []
-            )
+            args = (bucket.slow, bucket.fast, buffers, float(alpha), float(momentum))
+            try:
+                _C.check_sync(*args, [])
+            except (TypeError, ValueError):
+                # Again with the names, for the message: handing them over costs as much as the
+                # check itself, which runs before every step that may sync.
+                if not bucket.names:
+                    raise
+                _C.check_sync(*args, bucket.names)
+                raise
 
 
 def _check_offloaded(bucket: Bucket) -> None:
@@ -209,6 +216,13 @@ def _check_offloaded(bucket: Bucket) -> None:
                 f"{slow.device}; offloaded slow copies live in host memory, the fast tensors of a "
                 "call on one device"
             )
+
+
+def _check_momentum(momentum: Any) -> None:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"sync_buckets: momentum must be a number, got {type(momentum).__name__}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"sync_buckets: momentum must be in [0, 1), got {momentum!r}")
 
 
 def _on(device: torch.device, flag: torch.Tensor | None) -> torch.Tensor | None:
@@ -245,11 +259,15 @@ def sync_buckets(
     A call that fails validation raises ``ValueError``/``TypeError`` and changes its bucket in no
     way; use :func:`check_buckets` first to keep earlier buckets unchanged too.
     """
+    if not torch.compiler.is_compiling():  # traced, momentum may be a symbolic float
+        _check_momentum(momentum)
     for name, flag in (("due", due), ("restore", restore)):
-        if flag is not None and not isinstance(flag, torch.Tensor):
+        if flag is not None and not (isinstance(flag, torch.Tensor) and flag.dtype == torch.bool):
+            got = (
+                f"a {flag.dtype} tensor" if isinstance(flag, torch.Tensor) else type(flag).__name__
+            )
             raise TypeError(
-                f"sync_buckets: {name} must be a one-element torch.bool tensor or None, got "
-                f"{type(flag).__name__}"
+                f"sync_buckets: {name} must be a one-element torch.bool tensor or None, got {got}"
             )
     for (device, _, _), bucket in buckets.items():
         if not bucket.fast:

@@ -59,6 +59,8 @@ class Ranger(Lookahead):
     centralized gradients.
     """
 
+    _SETTING_KEYS = (*Lookahead._SETTING_KEYS, USE_GC)
+
     def __init__(
         self,
         params: ParamsT,
@@ -128,6 +130,7 @@ class Ranger(Lookahead):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Centralize the gradients, then one RAdam step; every k-th, the slow update."""
         self._check_training("step")  # before the gradients are touched
+        self._give_settings_to_added_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -173,6 +173,9 @@ def test_slow_state_dict_of_a_model_it_does_not_step_is_refused():
     partly = torch.nn.Sequential(model, torch.nn.Linear(3, 2))
     exported = opt.slow_state_dict(partly)
     assert torch.equal(exported["1.weight"], partly[1].weight)
+    # A frozen module, which the optimizer never steps, is exported as it is.
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    assert torch.equal(opt.slow_state_dict(frozen)["weight"], frozen.weight)
     # Before the first step there are no slow weights yet: the parameters are them.
     fresh = make_model(torch.float32)
     before = Lookahead(torch.optim.SGD(fresh.parameters(), lr=0.1), k=3).slow_state_dict(fresh)

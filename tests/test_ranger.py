@@ -211,6 +211,15 @@ def test_is_a_lookahead_with_its_api():
     assert all(torch.equal(p, f) for p, f in zip(model.parameters(), fast))
 
 
+def test_a_group_added_through_radam_gets_the_defaults():
+    model = make_model()
+    ranger = Ranger(model.parameters(), k=2, use_gc=False)
+    extra = nn.Parameter(torch.randn(3, 2))
+    ranger.optimizer.add_param_group({"params": [extra]})
+    train(model, ranger, batches(2))  # extra has no gradient: its group is left alone
+    assert ranger.param_groups[1]["use_gc"] is False and ranger.param_groups[1]["lookahead_k"] == 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

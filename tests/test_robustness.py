@@ -345,3 +345,9 @@ def test_lookahead_sync_names_bad_input_by_its_place_in_the_lists():
             lookahead_sync([], [], alpha)
     with pytest.raises(ValueError, match="mu"):
         lookahead_sync([], [], 0.5, momentum_buffers=[], momentum=1.5)
+    for momentum in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+            lookahead_sync(slow[:2], fast[:2], 0.5, momentum_buffers=slow[:2], momentum=momentum)
+    with pytest.raises(TypeError, match=r"due must be .* got a torch\.float32 tensor"):
+        lookahead_sync([], [], 0.5, due=torch.tensor(1.0))
+    assert all(map(torch.equal, slow + fast, before))

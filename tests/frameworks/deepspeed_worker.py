@@ -137,6 +137,11 @@ def train_and_evaluate(zero: dict) -> dict:
     # What the README says to do under ZeRO: the masters are copied into the module too.
     with lookahead_cuda.deepspeed_zero.slow_weights(engine):
         result["loss_workaround"] = eval_loss(engine)
+        # Nested (the export opens a block of its own): the outer block still holds afterwards.
+        result["nested_export"] = list(
+            lookahead_cuda.deepspeed_zero.slow_state_dict(engine).values()
+        )
+        result["loss_after_nested"] = eval_loss(engine)
     result["loss_after_workaround"] = eval_loss(engine)
     result["final_after_workaround"] = module_weights(engine)
     return result

@@ -182,6 +182,8 @@ def test_copying_the_masters_into_the_module_evaluates_the_slow_weights(runs, pl
     assert plain["slow_loss"] != plain["fast_loss"]  # the run ends mid-cycle
     assert run["loss_fast"] == plain["fast_loss"]
     assert run["loss_workaround"] == plain["slow_loss"]
+    assert run["loss_after_nested"] == plain["slow_loss"]
+    assert_equal_tensors(run["nested_export"], plain["slow"], "export inside the block")
     assert run["loss_after_workaround"] == plain["fast_loss"]
     assert_equal_tensors(run["final_after_workaround"], plain["fast"], "module parameter after")
 
