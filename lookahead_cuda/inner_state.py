@@ -26,14 +26,21 @@ class InitialInnerState:
         self._entries: dict[torch.Tensor, dict[str, Any]] = {}
         with torch.no_grad():
             for group in optimizer.param_groups:
+                # (dtype, device) -> a fresh optimizer's entry for a stand-in of them
+                constructed: dict[tuple[torch.dtype, torch.device], dict[str, Any] | None] = {}
                 for param in group["params"]:
                     entry = optimizer.state.get(param)
                     if not entry:
                         continue
-                    if "step" not in entry or float(entry["step"]) != 0:
-                        entry = _as_constructed(optimizer, group, param)
-                    if entry:
-                        self._entries[param] = {name: _compact(v) for name, v in entry.items()}
+                    if "step" in entry and float(entry["step"]) == 0:
+                        initial = {name: _compact(v) for name, v in entry.items()}
+                    else:
+                        kind = (param.dtype, param.device)
+                        if kind not in constructed:
+                            constructed[kind] = _stand_in_entry(optimizer, group, *kind)
+                        initial = _filled(constructed[kind], param)
+                    if initial:
+                        self._entries[param] = initial
 
     def reset(self, state: dict[torch.Tensor, Any], params: Iterable[torch.Tensor]) -> None:
         """Restart the inner state of ``params``: as the optimizer created it, or none."""
@@ -44,13 +51,16 @@ class InitialInnerState:
                 state[param] = {name: _expand(v) for name, v in initial.items()}
 
 
-def _as_constructed(
-    optimizer: torch.optim.Optimizer, group: Mapping[str, Any], param: torch.Tensor
+def _stand_in_entry(
+    optimizer: torch.optim.Optimizer,
+    group: Mapping[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> dict[str, Any] | None:
-    """The entry a fresh optimizer of ``optimizer``'s class and ``group``'s hyperparameters would
-    create for ``param`` at construction: its entry for a one-element stand-in, with tensors of
-    the stand-in's shape filled to ``param``'s."""
-    stand_in = torch.zeros(1, dtype=param.dtype, device=param.device, requires_grad=True)
+    """The entry a fresh optimizer of ``optimizer``'s class and ``group``'s hyperparameters
+    creates at construction for a one-element parameter of ``dtype`` on ``device`` (None if the
+    class cannot be built so: it is then assumed to create nothing)."""
+    stand_in = torch.zeros(1, dtype=dtype, device=device, requires_grad=True)
     hyperparameters = {key: value for key, value in group.items() if key != "params"}
     try:
         # Also as constructor arguments: Adagrad fills its state from its own
@@ -58,13 +68,21 @@ def _as_constructed(
         accepted = inspect.signature(type(optimizer)).parameters
         arguments = {k: v for k, v in hyperparameters.items() if k in accepted}
         fresh = type(optimizer)([{**hyperparameters, "params": [stand_in]}], **arguments)
-    except Exception:  # a class that cannot be built so: assume it creates nothing
+    except Exception:
+        return None
+    return fresh.state.get(stand_in)
+
+
+def _filled(entry: dict[str, Any] | None, param: torch.Tensor) -> dict[str, Any] | None:
+    """A stand-in's entry for ``param``, compacted: its one-element tensors as ``param``-shaped
+    fills (made only at a reset, by _expand)."""
+    if entry is None:
         return None
     return {
-        name: torch.full(param.shape, value.item(), dtype=value.dtype, device=value.device)
-        if isinstance(value, torch.Tensor) and value.shape == stand_in.shape
-        else value
-        for name, value in fresh.state.get(stand_in, {}).items()
+        name: ("filled", param.shape, value.dtype, value.device, value.item())
+        if isinstance(value, torch.Tensor) and value.shape == (1,)
+        else _compact(value)
+        for name, value in entry.items()
     }
 
 

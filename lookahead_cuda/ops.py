@@ -40,33 +40,21 @@ def build_info() -> dict[str, Any]:
 # What each argument of an op must be in Python, by kind: the schema's Tensor[] (a list or tuple of
 # tensors), float (a number, not a bool), bool, Tensor and Tensor?.
 _TENSORS, _FLOAT, _BOOL, _TENSOR, _OPTIONAL_TENSOR = "tensors", "float", "bool", "tensor", "tensor?"
+_UPDATE = (("slow", _TENSORS), ("fast", _TENSORS), ("alpha", _FLOAT))
+_MOMENTUM_UPDATE = (
+    ("slow", _TENSORS),
+    ("fast", _TENSORS),
+    ("momentum", _TENSORS),
+    ("lr", _FLOAT),
+    ("mu", _FLOAT),
+    ("nesterov", _BOOL),
+)
+_GATES = (("due", _TENSOR), ("restore", _OPTIONAL_TENSOR))  # what an ``_if_`` form adds
 _SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
-    "lookahead_update_": (("slow", _TENSORS), ("fast", _TENSORS), ("alpha", _FLOAT)),
-    "lookahead_update_if_": (
-        ("slow", _TENSORS),
-        ("fast", _TENSORS),
-        ("alpha", _FLOAT),
-        ("due", _TENSOR),
-        ("restore", _OPTIONAL_TENSOR),
-    ),
-    "lookahead_momentum_update_": (
-        ("slow", _TENSORS),
-        ("fast", _TENSORS),
-        ("momentum", _TENSORS),
-        ("lr", _FLOAT),
-        ("mu", _FLOAT),
-        ("nesterov", _BOOL),
-    ),
-    "lookahead_momentum_update_if_": (
-        ("slow", _TENSORS),
-        ("fast", _TENSORS),
-        ("momentum", _TENSORS),
-        ("lr", _FLOAT),
-        ("mu", _FLOAT),
-        ("nesterov", _BOOL),
-        ("due", _TENSOR),
-        ("restore", _OPTIONAL_TENSOR),
-    ),
+    "lookahead_update_": _UPDATE,
+    "lookahead_update_if_": _UPDATE + _GATES,
+    "lookahead_momentum_update_": _MOMENTUM_UPDATE,
+    "lookahead_momentum_update_if_": _MOMENTUM_UPDATE + _GATES,
     "found_nonfinite_": (("tensors", _TENSORS), ("found", _TENSOR), ("due", _OPTIONAL_TENSOR)),
 }
 _EAGER = {name: getattr(_C, "try_" + name) for name in _SIGNATURES}

@@ -368,10 +368,11 @@ class Lookahead(Optimizer):
         A step whose slow update would be rejected (a parameter replaced by one of another shape,
         say) raises before the inner step runs, and changes nothing.
         """
-        if getattr(self, "found_inf", None) is None:
-            return self._step(closure)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return self._step(closure, None)
         try:
-            return self._step(closure)
+            return self._step(closure, found_inf)
         except BaseException:
             # GradScaler removes the attributes it set only after a step that returned: left, the
             # next plain step() would unscale the gradients by a stale scale.
@@ -379,7 +380,9 @@ class Lookahead(Optimizer):
             self.__dict__.pop("found_inf", None)
             raise
 
-    def _step(self, closure: Callable[[], float] | None) -> float | None:
+    def _step(
+        self, closure: Callable[[], float] | None, found_inf: torch.Tensor | None
+    ) -> float | None:
         self._check_training("step")
         if self.process_group is not None and torch.compiler.is_compiling():
             raise RuntimeError(
@@ -390,7 +393,6 @@ class Lookahead(Optimizer):
         if not torch.compiler.is_compiling():
             # Syncs that may come at the end of this step are checked before the inner step runs.
             plans = self._check_syncs(plans, self._may_sync_after_this_step)
-        found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
             loss = self.optimizer.step(closure)
         elif not self._inner_handles_grad_scaler:
