@@ -29,23 +29,23 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T multiply_add(T a, T b, T c) {
   }
 }
 
-// The weight-dependent half of the lerp, decided once per call on the host.
+// The weight-dependent half of the lerp, decided once per call on the host: torch's scalar form,
+// which its CUDA kernel uses, coeff * (end - start) + base with coeff = w or -(1 - w). ATen's
+// vectorised CPU loops write the large form as (w - 1) * (end - start) + end instead: the same value
+// to the bit, except at w == 1, where w - 1 is +0 and -(1 - w) is -0, which flips the sign of a zero
+// result (0 * diff + end with end = -0). Which of its loops torch uses for an element depends on the
+// vector ISA, the thread count and the tensor's size, so torch's CPU results disagree among
+// themselves there; we always take the scalar form, so our CPU and CUDA kernels agree.
 template <typename opmath_t>
 struct LerpWeight {
   bool small;
-  // torch's scalar form (its CUDA kernel, and the tails of its CPU loops): w, or -(1 - w).
   opmath_t coeff;
-  // torch's vectorised CPU loops write the large form as (w - 1) * (end - start) + end. That is
-  // coeff to the bit, except at w == 1: w - 1 is +0 where -(1 - w) is -0, which flips the sign of
-  // a zero result (0 * diff + end with end = -0). cpu/lookahead_update.cpp says where each is used.
-  opmath_t vector_coeff;
 
   explicit LerpWeight(double alpha) {
     // torch converts a Python-float weight to the op's math type before it compares with 0.5.
     const auto w = static_cast<opmath_t>(alpha);
     small = std::abs(w) < opmath_t(0.5);
     coeff = small ? w : -(opmath_t(1) - w);  // 1 - w is exact for w in [0.5, 1]
-    vector_coeff = small ? w : w - opmath_t(1);
   }
 };
 

@@ -108,8 +108,10 @@ def lookahead_update_(
         fast[i].copy_(slow[i])          # fast weights restart from the slow ones
 
     One fused pass over memory (two reads, two writes per element), bitwise equal to the two torch
-    ops above wherever the result is not NaN (NaN results are NaN, with no promise on their sign and
-    payload bits); for fp32 ``slow`` with fp16/bf16 ``fast``, the lerp runs in fp32 on the upcast
+    ops above wherever the result is not NaN (NaN results are NaN, with no promise on their sign
+    and payload bits), except the sign of a zero result at ``alpha = 1``, where every device gets
+    torch's scalar (CUDA) form and torch's CPU vector loops give the other sign; for fp32 ``slow``
+    with fp16/bf16 ``fast``, the lerp runs in fp32 on the upcast
     fast weight and the result is rounded into ``fast``.
 
     Args:

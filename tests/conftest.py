@@ -7,6 +7,12 @@ from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS
 DTYPE_PAIRS = list(SUPPORTED_DTYPE_PAIRS)
 
 
+def pytest_report_header() -> str:
+    # Which CPU kernels torch runs (ATEN_CPU_CAPABILITY may lower it): tests marked cpu_capability
+    # depend on it, and tests/test_cpu_capabilities.py reads this line back.
+    return f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -8,6 +8,10 @@ from conftest import DTYPE_PAIRS, reference_update_
 import lookahead_cuda
 from lookahead_cuda import _C
 
+# Results that depend on the CPU kernels torch picks: run again under every capability the CPU
+# has (test_cpu_capabilities.py).
+pytestmark = pytest.mark.cpu_capability
+
 update_if = torch.ops.lookahead_cuda.lookahead_update_if_
 found_nonfinite = torch.ops.lookahead_cuda.found_nonfinite_
 

@@ -12,6 +12,10 @@ import lookahead_cuda.ops
 import lookahead_cuda.optimizer
 from lookahead_cuda import Lookahead
 
+# Results that depend on the CPU kernels torch picks: run again under every capability the CPU
+# has (test_cpu_capabilities.py).
+pytestmark = pytest.mark.cpu_capability
+
 FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 
 

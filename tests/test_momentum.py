@@ -23,6 +23,10 @@ from lookahead_cuda.ops import (
     lookahead_momentum_update_if_,
 )
 
+# Results that depend on the CPU kernels torch picks: run again under every capability the CPU
+# has (test_cpu_capabilities.py).
+pytestmark = pytest.mark.cpu_capability
+
 op = torch.ops.lookahead_cuda.lookahead_momentum_update_
 
 

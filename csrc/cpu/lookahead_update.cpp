@@ -4,13 +4,10 @@
 // tensor at a time (op_skeleton.h).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -67,8 +64,10 @@ void momentum_loop_unfused(S* slow, F* fast, S* momentum, int64_t n, opmath_t lr
   momentum_loop<false, kNesterov>(slow, fast, momentum, n, lr, mu);
 }
 
-// Whether this CPU rounds a multiply-add once: torch.lerp does on every capability but DEFAULT
-// (element_math.h), and the outer-momentum sync then does too, to agree with CUDA.
+// Whether torch's CPU kernels round a multiply-add once on this machine: on every capability but
+// DEFAULT (its non-vectorised build, used on CPUs without AVX2 or when ATEN_CPU_CAPABILITY=default
+// asks for it), so that torch.lerp stays the reference. The outer-momentum sync follows the same
+// choice, so it agrees with CUDA wherever torch.lerp does.
 bool fuses_multiply_add() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool fused = at::get_cpu_capability() != "DEFAULT";
@@ -77,44 +76,6 @@ bool fuses_multiply_add() {
   return true;  // the vector units of aarch64, POWER and s390x multiply-add in one rounding
 #endif
 }
-
-// Where torch.lerp_ on the CPU computes an element with its scalar loop rather than its vector one.
-// TensorIterator cuts a contiguous tensor of more than GRAIN_SIZE elements into one range per
-// thread (at::parallel_for's split), and runs each range as vectors of 2 * Vectorized<T>::size()
-// elements with a scalar remainder. The two loops differ only in the sign of a zero result at
-// weight 1 (element_math.h), so this matters only then.
-class TorchLerpLoops {
- public:
-  explicit TorchLerpLoops(size_t element_size)
-      : threads_(at::get_num_threads()),
-        step_(2 * (at::get_cpu_capability() == "AVX512" ? 64 : 32) /
-              static_cast<int64_t>(element_size)) {}
-
-  // Calls visit(begin, end, scalar) over [offset, offset + n) of a tensor of numel elements, split
-  // where torch's loops change.
-  template <typename Visit>
-  void split(int64_t numel, int64_t offset, int64_t n, const Visit& visit) const {
-    int64_t range = numel;
-    if (numel > at::internal::GRAIN_SIZE && threads_ > 1) {
-      const int64_t ranges = std::min(threads_, at::divup(numel, at::internal::GRAIN_SIZE));
-      range = at::divup(numel, ranges);
-    }
-    const int64_t stop = offset + n;
-    for (int64_t begin = offset; begin < stop;) {
-      const int64_t range_begin = begin / range * range;
-      const int64_t range_end = std::min(numel, range_begin + range);
-      const int64_t scalar_begin = range_begin + (range_end - range_begin) / step_ * step_;
-      const bool scalar = begin >= scalar_begin;
-      const int64_t end = std::min(stop, scalar ? range_end : scalar_begin);
-      visit(begin, end, scalar);
-      begin = end;
-    }
-  }
-
- private:
-  int64_t threads_;
-  int64_t step_;
-};
 
 template <typename S, typename F>
 void sync_flat(const std::vector<FlatItem>& items, double alpha) {
@@ -130,20 +91,9 @@ void sync_flat(const std::vector<FlatItem>& items, double alpha) {
     loop = weight.small ? sync_loop_unfused<true, S, F, opmath_t>
                         : sync_loop_unfused<false, S, F, opmath_t>;
   }
-  const auto slow_of = [&](size_t t) { return static_cast<S*>(items[t].data[0]); };
-  const auto fast_of = [&](size_t t) { return static_cast<F*>(items[t].data[1]); };
-  if (std::signbit(weight.coeff) == std::signbit(weight.vector_coeff)) {
-    parallel_over(items, [&](size_t t, int64_t offset, int64_t n) {
-      loop(slow_of(t) + offset, fast_of(t) + offset, n, weight.coeff);
-    });
-    return;
-  }
-  const TorchLerpLoops torch_loops(sizeof(S));
   parallel_over(items, [&](size_t t, int64_t offset, int64_t n) {
-    torch_loops.split(items[t].numel, offset, n, [&](int64_t begin, int64_t end, bool scalar) {
-      loop(slow_of(t) + begin, fast_of(t) + begin, end - begin,
-           scalar ? weight.coeff : weight.vector_coeff);
-    });
+    loop(static_cast<S*>(items[t].data[0]) + offset, static_cast<F*>(items[t].data[1]) + offset, n,
+         weight.coeff);
   });
 }
 
