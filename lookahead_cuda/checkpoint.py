@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lookahead_cuda.evaluation import LoadedFastWeights
 from lookahead_cuda.settings import FIRST_MOMENT_BUFFERS, KEYS, SLOW_DTYPE, check_settings
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def state_dict(opt: Lookahead) -> dict[str, Any]:
         index.setdefault(id(param), len(index))
     state = {key: dict(entry) for key, entry in inner["state"].items()}
     swapped = opt._evaluation.slow_and_fast() if opt._evaluation is not None else {}
+    loaded_fast = opt._loaded_fast_weights.pending()
     for param, ours in opt.lookahead_state.items():
         if not ours or id(param) not in index:
             continue
@@ -55,10 +57,13 @@ def state_dict(opt: Lookahead) -> dict[str, Any]:
             slow, fast = swapped[param]
             entry[STATE_PREFIX + SLOW_PARAM] = slow.clone()
             entry[STATE_PREFIX + FAST_PARAM] = fast.clone()
+        elif param in loaded_fast:  # loaded, not yet put back: they travel on
+            entry[STATE_PREFIX + FAST_PARAM] = loaded_fast[param].clone()
     if opt.process_group is not None:
         params = [p for group in opt.param_groups for p in group["params"]]
         for position, param in enumerate(params):
             fast = swapped[param][1] if param in swapped else param.detach()
+            fast = loaded_fast.get(param, fast)
             entry = state.setdefault(position, {})
             entry[STATE_PREFIX + WORKER_FAST_PARAM] = _gathered(fast, opt.process_group)
             for key, value in list(entry.items()):
@@ -194,14 +199,14 @@ def load_state_dict(opt: Lookahead, saved: Mapping[str, Any]) -> None:
                 raise ValueError(f"{where}: Lookahead keeps no such entry")
 
     _load_inner(opt.optimizer, {"state": inner_state, "param_groups": merged_groups})
-    # Committed: nothing below can fail on what was loaded. Loaded in evaluation mode, the
-    # parameters keep what they hold: the fast values waiting in the old state are the old run's,
-    # and putting them back would overwrite a model state dict loaded just before.
+    # Committed: nothing below can fail on what was loaded. In evaluation mode the fast values
+    # waiting in the old state are the old run's: dropped. A dict saved in evaluation mode carries
+    # the fast weights, which go into the parameters now and again when training resumes, after any
+    # model state dict loaded meanwhile (saved in evaluation mode too, it holds the slow weights).
     opt._evaluation = None
     opt.lookahead_state = defaultdict(dict, ours)
-    with torch.no_grad():
-        for param, value in fast_values:
-            param.copy_(value)
+    opt._loaded_fast_weights.discard()
+    opt._loaded_fast_weights = LoadedFastWeights(dict(fast_values))
     opt._forget_plans()
 
 

@@ -1,8 +1,10 @@
-"""Evaluation on the slow weights: the parameters hold them while the fast values wait."""
+"""Evaluation on the slow weights: the parameters hold them while the fast values wait; and the fast
+weights of a checkpoint saved so, waiting for training to resume."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -69,3 +71,53 @@ class SlowWeightsInParameters:
                     _swap_(param, slow)
                 else:
                     param.copy_(stash)
+
+
+class LoadedFastWeights:
+    """Fast weights that a checkpoint saved in evaluation mode carries (its model state dict holds
+    the slow weights), kept until training resumes so that the model's and the optimizer's state
+    dicts may be loaded in either order.
+
+    They go into their parameters at once, and again at the first of: any module's forward pass
+    (a global forward pre-hook: the gradient of the next step is taken there), ``step()``,
+    ``sync()``, ``train()`` and ``eval()`` of the optimizer; so a model state dict loaded in
+    between (which puts the slow weights into the parameters) does not change where training
+    resumes. The hook holds the optimizer's fast weights only, not the optimizer, and is removed
+    once they are back.
+    """
+
+    def __init__(self, fast: dict[torch.Tensor, torch.Tensor]) -> None:
+        self._fast = fast
+        self._hook = None
+        if fast:
+            self._copy_in()
+            self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._on_forward)
+
+    def pending(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The parameters and their loaded fast weights, while they are still to be put back."""
+        return self._fast
+
+    def put_back(self) -> None:
+        """Put the loaded fast weights into their parameters (again), once."""
+        if self._fast:
+            self._copy_in()
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget them (another checkpoint was loaded)."""
+        self._fast = {}
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _copy_in(self) -> None:
+        with torch.no_grad():
+            for param, fast in self._fast.items():
+                param.copy_(fast)
+
+    def _on_forward(self, module: torch.nn.Module, args: Any) -> None:
+        self.put_back()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A hook handle does not travel: a copy puts its weights back at its optimizer's calls.
+        return {"_fast": self._fast, "_hook": None}

@@ -18,7 +18,7 @@ import torch
 from torch.optim import Optimizer
 
 from lookahead_cuda import amp, checkpoint, functional
-from lookahead_cuda.evaluation import SlowWeightsInParameters
+from lookahead_cuda.evaluation import LoadedFastWeights, SlowWeightsInParameters
 from lookahead_cuda.inner_state import InitialInnerState, first_moments
 from lookahead_cuda.offload import StagingBuffers
 from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS
@@ -276,6 +276,8 @@ class Lookahead(Optimizer):
         self._plans: dict[tuple[int, int, int], _GroupPlan] = {}
         #: The parameters holding the slow weights (evaluation mode), or None (training mode).
         self._evaluation: SlowWeightsInParameters | None = None
+        #: Fast weights of a checkpoint saved in evaluation mode, until training resumes.
+        self._loaded_fast_weights = LoadedFastWeights({})
         # GradScaler leaves unscaling and skipping to optimizers that say so (fused Adam, ...);
         # mirroring the flag keeps such an inner optimizer on its fast path. Under a process group
         # Lookahead says so for any inner optimizer, to see (and count) the steps GradScaler skips.
@@ -430,6 +432,7 @@ class Lookahead(Optimizer):
         return sum(int(count.item()) for count in counts if count is not None)
 
     def _check_training(self, what: str) -> None:
+        self._loaded_fast_weights.put_back()
         if self._evaluation is not None:
             raise RuntimeError(
                 f"Lookahead.{what}() in evaluation mode: the parameters hold the slow weights; "
@@ -759,8 +762,11 @@ class Lookahead(Optimizer):
         case slow weights are taken afresh at the next step). Slow weights land on their
         parameter's device. The whole dict is validated and converted before anything changes: a
         rejected one raises ``ValueError``/``TypeError`` naming the entry and leaves the optimizer
-        as it was. Loading leaves the optimizer in training mode; loaded in evaluation mode, the
-        parameters keep what they hold (a model state dict loaded before or after counts)."""
+        as it was. Loading leaves the optimizer in training mode. A dict taken in evaluation mode
+        carries the fast weights: they go into the parameters at once and again at the first
+        forward pass of any module, :meth:`step`, :meth:`sync`, :meth:`train` or :meth:`eval`,
+        so the model's state dict (which then holds the slow weights) may be loaded before or
+        after this one."""
         state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -779,6 +785,7 @@ class Lookahead(Optimizer):
         parameters keep their storage); fp32 slow weights of fp16/bf16 parameters are rounded
         into the parameters, whose fast values wait in host memory. Idempotent; ``step()`` and
         ``sync()`` raise until :meth:`train`. Every parameter is checked before any is touched."""
+        self._loaded_fast_weights.put_back()
         if self._evaluation is None:
             if self.lookahead_state and not any(group["params"] for group in self.param_groups):
                 raise RuntimeError(
@@ -800,6 +807,7 @@ class Lookahead(Optimizer):
         :meth:`eval`. Idempotent."""
         if not mode:
             return self.eval()
+        self._loaded_fast_weights.put_back()
         if self._evaluation is not None:
             self._evaluation.undo()
             self._evaluation = None

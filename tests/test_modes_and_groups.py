@@ -87,10 +87,14 @@ def test_slow_weights_blocks_nest(dtype, slow_dtype):
     assert not opt.training  # a block inside eval() leaves evaluation mode on
 
 
-def test_a_checkpoint_taken_in_evaluation_mode_resumes_exactly():
-    straight_model, straight = trained(steps=7)
+@pytest.mark.parametrize("model_first", [True, False])
+@pytest.mark.parametrize(
+    ("dtype", "slow_dtype"), [(torch.float32, None), (torch.bfloat16, torch.float32)]
+)
+def test_a_checkpoint_taken_in_evaluation_mode_resumes_exactly(model_first, dtype, slow_dtype):
+    straight_model, straight = trained(steps=7, dtype=dtype, slow_dtype=slow_dtype)
 
-    model, opt = trained(steps=4)
+    model, opt = trained(steps=4, dtype=dtype, slow_dtype=slow_dtype)
     fast, slow = values(model), slow_values(model, opt)
     opt.eval()  # as transformers' Trainer leaves it after evaluate()
     saved = copy.deepcopy(opt.state_dict())
@@ -99,17 +103,49 @@ def test_a_checkpoint_taken_in_evaluation_mode_resumes_exactly():
         assert torch.equal(entry["lookahead_slow_param"], slow[key])
         assert torch.equal(entry["lookahead_fast_param"], fast[key])
 
-    resumed_model = make_model()
-    resumed_model.load_state_dict(model_saved)
-    resumed = Lookahead(torch.optim.SGD(resumed_model.parameters(), lr=0.1), k=3)
-    resumed.load_state_dict(saved)  # puts the fast weights back, in training mode
+    resumed_model = make_model(dtype)
+    resumed = Lookahead(
+        torch.optim.SGD(resumed_model.parameters(), lr=0.1), k=3, slow_dtype=slow_dtype
+    )
+    # The fast weights the optimizer's dict carries go back at the next step, whatever the
+    # model's load (the slow weights) put into the parameters before or after.
+    if model_first:
+        resumed_model.load_state_dict(model_saved)
+        resumed.load_state_dict(saved)
+    else:
+        resumed.load_state_dict(saved)
+        resumed_model.load_state_dict(model_saved)
     assert resumed.training
-    train(resumed_model, resumed, batches(7)[4:])
+    resaved = resumed.state_dict()  # saved again before training goes on, it carries them on
+    for key, entry in resaved["state"].items():
+        assert torch.equal(entry["lookahead_fast_param"], fast[key])
+    train(resumed_model, resumed, batches(7, dtype)[4:])
+    assert not torch.nn.modules.module._global_forward_pre_hooks  # gone once they were put back
     assert_same_weights(resumed_model, straight_model)
     for p, q in zip(resumed_model.parameters(), straight_model.parameters()):
         assert torch.equal(
             resumed.lookahead_state[p]["slow_param"], straight.lookahead_state[q]["slow_param"]
         )
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_evaluating_a_model_resumed_from_evaluation_mode_scores_the_slow_weights(model_first):
+    model, opt = trained(steps=4)
+    fast, slow = values(model), slow_values(model, opt)
+    opt.eval()
+    saved, model_saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    opt.train()
+    resumed_model = make_model()
+    resumed = Lookahead(torch.optim.SGD(resumed_model.parameters(), lr=0.1), k=3)
+    if model_first:
+        resumed_model.load_state_dict(model_saved)
+        resumed.load_state_dict(saved)
+    else:
+        resumed.load_state_dict(saved)
+        resumed_model.load_state_dict(model_saved)
+    with resumed.slow_weights():
+        assert all(map(torch.equal, values(resumed_model), slow))
+    assert all(map(torch.equal, values(resumed_model), fast))
 
 
 @pytest.mark.parametrize("model_first", [True, False])
