@@ -1,5 +1,7 @@
 #include "dtype_pairs.h"
 
+#include <algorithm>
+
 namespace lookahead {
 
 std::string dtype_name(c10::ScalarType t) {
@@ -27,6 +29,25 @@ std::string supported_pairs_text() {
   for (const auto& [slow, fast] : supported_pairs()) {
     if (!text.empty()) text += ", ";
     text += "(" + dtype_name(slow) + ", " + dtype_name(fast) + ")";
+  }
+  return text;
+}
+
+std::vector<c10::ScalarType> supported_dtypes() {
+  std::vector<c10::ScalarType> dtypes;
+  for (const auto& [slow, fast] : supported_pairs()) {
+    for (const c10::ScalarType t : {slow, fast}) {
+      if (std::find(dtypes.begin(), dtypes.end(), t) == dtypes.end()) dtypes.push_back(t);
+    }
+  }
+  return dtypes;
+}
+
+std::string supported_dtypes_text() {
+  std::string text;
+  for (const c10::ScalarType t : supported_dtypes()) {
+    if (!text.empty()) text += ", ";
+    text += dtype_name(t);
   }
   return text;
 }

@@ -1,21 +1,6 @@
-// The ops' schemas, their autograd kernels, and the Python module that carries them.
-//
-// lookahead_update_(slow, fast, alpha), for every pair i:
-//   slow[i] <- slow[i] + alpha * (fast[i] - slow[i])    (rounded exactly as torch.lerp_)
-//   fast[i] <- slow[i]                                   (rounded through the slow dtype, as copy_)
-// lookahead_update_if_(slow, fast, alpha, due, restore): the same sync decided by one-element bool
-//   tensors read on the tensors' device, so a CUDA step never waits for the host and can be
-//   captured in a CUDA graph: nothing unless due; if restore, fast[i] <- slow[i] with slow as it is.
-// lookahead_momentum_update_(slow, fast, momentum, lr, mu, nesterov): the outer-momentum sync (SNOO;
-//   DiLoCo's outer step) with the pseudo-gradient d = slow - fast, for every i:
-//     momentum <- mu * momentum + d;  slow <- slow - lr * (d + mu * momentum)  (or - lr * momentum,
-//     heavy ball);  fast <- slow.  lookahead_momentum_update_if_ is its gated form.
-// found_nonfinite_(tensors, found, due): found <- found or (some element is NaN or infinite); nothing
-//   read unless due (a one-element bool tensor on the device; None: always), so that a step whose
-//   sync is decided on the device checks the weights only when the sync is due.
-// Backends: cpu/ and cuda/, one file per op; any_device.cpp for the rest (ATen one tensor at a time)
-// and for meta tensors (validation only, which is what torch.compile traces). The updates are not
-// differentiable: autograd only refuses tensors that would need a gradient through them.
+// The ops' schemas (op_declarations.h) and autograd kernels, and the Python module that carries
+// them. Backends: cpu/ and cuda/, one file per op; any_device.cpp for the rest (ATen one tensor at a
+// time) and for meta tensors (validation only, which is what torch.compile traces).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/extension.h>
@@ -24,101 +9,66 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu/stream_swap.h"
 #include "dtype_pairs.h"
+#include "op_declarations.h"
 #include "op_handles.h"
 #include "python_calls.h"
+#include "tensor_fingerprint.h"
 #include "validation.h"
 
 TORCH_LIBRARY(lookahead_cuda, m) {
-  m.def("lookahead_update_(Tensor(a!)[] slow, Tensor(b!)[] fast, float alpha) -> ()");
-  m.def(
-      "lookahead_update_if_(Tensor(a!)[] slow, Tensor(b!)[] fast, float alpha, Tensor due, "
-      "Tensor? restore=None) -> ()");
-  m.def(
-      "lookahead_momentum_update_(Tensor(a!)[] slow, Tensor(b!)[] fast, Tensor(c!)[] momentum, "
-      "float lr, float mu, bool nesterov) -> ()");
-  m.def(
-      "lookahead_momentum_update_if_(Tensor(a!)[] slow, Tensor(b!)[] fast, Tensor(c!)[] momentum, "
-      "float lr, float mu, bool nesterov, Tensor due, Tensor? restore=None) -> ()");
-  m.def("found_nonfinite_(Tensor[] tensors, Tensor(a!) found, Tensor? due=None) -> ()");
+#define LOOKAHEAD_DEFINE_SCHEMA(name, schema, ...) m.def(schema);
+  LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_DEFINE_SCHEMA)
+#undef LOOKAHEAD_DEFINE_SCHEMA
 }
 
 namespace {
 
-void check_no_grad_required(const char* op, at::TensorList tensors, const char* list) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK_VALUE(!tensors[i].requires_grad(), op, ": ", list, "[", i,
-                      "] requires grad; the update overwrites it in place and is not "
-                      "differentiable, so call it under torch.no_grad()");
+// A list the op writes (alias-annotated `!` in its schema) must not require grad while grad mode is
+// on: the update overwrites it in place and is not differentiable. Lists it only reads may.
+template <typename Arg>
+void check_not_written_with_grad(const c10::FunctionSchema& schema, size_t index, const Arg& arg) {
+  if constexpr (std::is_same_v<Arg, at::TensorList>) {
+    const c10::Argument& argument = schema.arguments()[index];
+    if (argument.alias_info() == nullptr || !argument.alias_info()->isWrite()) return;
+    for (size_t i = 0; i < arg.size(); ++i) {
+      TORCH_CHECK_VALUE(!arg[i].requires_grad(), schema.name().substr(schema.name().find("::") + 2),
+                        ": ", argument.name(), "[", i,
+                        "] requires grad; the update overwrites it in place and is not "
+                        "differentiable, so call it under torch.no_grad()");
+    }
   }
 }
 
-// Explicit autograd kernels instead of torch's boxed fallback: they state the ops' autograd
-// behaviour, and spare every call boxing each tensor of the lists.
-void lookahead_update_autograd(at::TensorList slow, at::TensorList fast, double alpha) {
-  if (at::GradMode::is_enabled()) {
-    check_no_grad_required("lookahead_update_", slow, "slow");
-    check_no_grad_required("lookahead_update_", fast, "fast");
-  }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  lookahead::lookahead_update_op().call(slow, fast, alpha);
-}
+// The ops' autograd kernels, explicit instead of torch's boxed fallback: they state the ops'
+// autograd behaviour, and spare every call boxing each tensor of the lists.
+template <typename Signature, const c10::TypedOperatorHandle<Signature>& (*kHandle)()>
+struct AutogradKernel;
 
-void lookahead_update_if_autograd(at::TensorList slow, at::TensorList fast, double alpha,
-                                  const at::Tensor& due, const std::optional<at::Tensor>& restore) {
-  if (at::GradMode::is_enabled()) {
-    check_no_grad_required("lookahead_update_if_", slow, "slow");
-    check_no_grad_required("lookahead_update_if_", fast, "fast");
+template <typename... Args, const c10::TypedOperatorHandle<void(Args...)>& (*kHandle)()>
+struct AutogradKernel<void(Args...), kHandle> {
+  static void call(Args... args) {
+    if (at::GradMode::is_enabled()) {
+      size_t index = 0;
+      (check_not_written_with_grad(kHandle().schema(), index++, args), ...);
+    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    kHandle().call(args...);
   }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  lookahead::lookahead_update_if_op().call(slow, fast, alpha, due, restore);
-}
-
-void lookahead_momentum_update_autograd(at::TensorList slow, at::TensorList fast,
-                                        at::TensorList momentum, double lr, double mu,
-                                        bool nesterov) {
-  if (at::GradMode::is_enabled()) {
-    check_no_grad_required("lookahead_momentum_update_", slow, "slow");
-    check_no_grad_required("lookahead_momentum_update_", fast, "fast");
-    check_no_grad_required("lookahead_momentum_update_", momentum, "momentum");
-  }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  lookahead::lookahead_momentum_update_op().call(slow, fast, momentum, lr, mu, nesterov);
-}
-
-void lookahead_momentum_update_if_autograd(at::TensorList slow, at::TensorList fast,
-                                           at::TensorList momentum, double lr, double mu,
-                                           bool nesterov, const at::Tensor& due,
-                                           const std::optional<at::Tensor>& restore) {
-  if (at::GradMode::is_enabled()) {
-    check_no_grad_required("lookahead_momentum_update_if_", slow, "slow");
-    check_no_grad_required("lookahead_momentum_update_if_", fast, "fast");
-    check_no_grad_required("lookahead_momentum_update_if_", momentum, "momentum");
-  }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  lookahead::lookahead_momentum_update_if_op().call(slow, fast, momentum, lr, mu, nesterov, due,
-                                                    restore);
-}
-
-// Only reads its tensors (which may require grad) and writes a bool flag: nothing to differentiate.
-void found_nonfinite_autograd(at::TensorList tensors, const at::Tensor& found,
-                              const std::optional<at::Tensor>& due) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  lookahead::found_nonfinite_op().call(tensors, found, due);
-}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lookahead_cuda, Autograd, m) {
-  m.impl("lookahead_update_", &lookahead_update_autograd);
-  m.impl("lookahead_update_if_", &lookahead_update_if_autograd);
-  m.impl("lookahead_momentum_update_", &lookahead_momentum_update_autograd);
-  m.impl("lookahead_momentum_update_if_", &lookahead_momentum_update_if_autograd);
-  m.impl("found_nonfinite_", &found_nonfinite_autograd);
+#define LOOKAHEAD_IMPL_AUTOGRAD(name, schema, ...) \
+  m.impl(#name, &AutogradKernel<__VA_ARGS__, &lookahead::name##op>::call);
+  LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_IMPL_AUTOGRAD)
+#undef LOOKAHEAD_IMPL_AUTOGRAD
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -139,6 +89,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   }, "How this extension was compiled: the torch it was built against, CUDA kernels, OpenMP.");
+  m.def("op_names", [] {
+#define LOOKAHEAD_OP_NAME(name, schema, ...) #name,
+    return std::vector<std::string>{LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_OP_NAME)};
+#undef LOOKAHEAD_OP_NAME
+  }, "The names of the ops registered under torch.ops.lookahead_cuda (csrc/op_declarations.h).");
   m.def("supported_dtype_pairs", [] {
     std::vector<std::pair<std::string, std::string>> pairs;
     for (const auto& [slow, fast] : lookahead::supported_pairs()) {
@@ -146,6 +101,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     return pairs;
   }, "The (slow, fast) dtype pairs the ops support, as names such as 'torch.float32'.");
+  m.def("supported_dtypes", [] {
+    std::vector<std::string> names;
+    for (const c10::ScalarType t : lookahead::supported_dtypes()) {
+      names.push_back(lookahead::dtype_name(t));
+    }
+    return names;
+  }, "The dtypes of the supported pairs, each once, as names such as 'torch.float32'.");
   m.def("check_sync",
         [](const std::vector<at::Tensor>& slow, const std::vector<at::Tensor>& fast,
            const std::optional<std::vector<at::Tensor>>& momentum, double alpha, double mu,
@@ -163,6 +125,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Raises the error the sync (lookahead_update_, or lookahead_momentum_update_ with a "
         "momentum list) would raise for these arguments, naming fast[i] fast_names[i]; does "
         "nothing otherwise.");
+  pybind11::class_<lookahead::TensorFingerprint>(
+      m, "TensorFingerprint",
+      "What a validated set of tensors looked like (data address, dtype, device, sizes, strides): "
+      "matches() tells, without validating again, whether any of them changed since.")
+      .def(pybind11::init<const pybind11::sequence&>(), pybind11::arg("tensors"))
+      .def("matches", &lookahead::TensorFingerprint::matches);
   m.def("stream_swap_", &lookahead::stream_swap_cpu, pybind11::arg("a"), pybind11::arg("b"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Benchmark yardstick: exchange two float32 CPU tensors in place, streaming.");

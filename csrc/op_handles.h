@@ -1,58 +1,22 @@
 // The ops' typed dispatcher handles, for the C++ code that calls them: the autograd kernels
-// (lookahead.cpp) and the Python entry points (python_calls.cpp). Looked up once, at first use.
+// (lookahead.cpp) and the Python entry points (python_calls.cpp). One per op of op_declarations.h,
+// named after it (lookahead_update_op() for lookahead_update_), looked up once, at first use.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include <optional>
+#include "op_declarations.h"
 
 namespace lookahead {
 
-using UpdateSignature = void(at::TensorList, at::TensorList, double);
-using UpdateIfSignature = void(at::TensorList, at::TensorList, double, const at::Tensor&,
-                               const std::optional<at::Tensor>&);
-using MomentumUpdateSignature = void(at::TensorList, at::TensorList, at::TensorList, double, double,
-                                     bool);
-using MomentumUpdateIfSignature = void(at::TensorList, at::TensorList, at::TensorList, double,
-                                       double, bool, const at::Tensor&,
-                                       const std::optional<at::Tensor>&);
-using FoundNonfiniteSignature = void(at::TensorList, const at::Tensor&,
-                                     const std::optional<at::Tensor>&);
-
-inline const c10::TypedOperatorHandle<UpdateSignature>& lookahead_update_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lookahead_cuda::lookahead_update_", "")
-                             .typed<UpdateSignature>();
-  return op;
-}
-
-inline const c10::TypedOperatorHandle<UpdateIfSignature>& lookahead_update_if_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lookahead_cuda::lookahead_update_if_", "")
-                             .typed<UpdateIfSignature>();
-  return op;
-}
-
-inline const c10::TypedOperatorHandle<MomentumUpdateSignature>& lookahead_momentum_update_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lookahead_cuda::lookahead_momentum_update_", "")
-                             .typed<MomentumUpdateSignature>();
-  return op;
-}
-
-inline const c10::TypedOperatorHandle<MomentumUpdateIfSignature>& lookahead_momentum_update_if_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lookahead_cuda::lookahead_momentum_update_if_", "")
-                             .typed<MomentumUpdateIfSignature>();
-  return op;
-}
-
-inline const c10::TypedOperatorHandle<FoundNonfiniteSignature>& found_nonfinite_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lookahead_cuda::found_nonfinite_", "")
-                             .typed<FoundNonfiniteSignature>();
-  return op;
-}
+#define LOOKAHEAD_DECLARE_HANDLE(name, schema, ...)                                    \
+  inline const c10::TypedOperatorHandle<__VA_ARGS__>& name##op() {                    \
+    static const auto op = c10::Dispatcher::singleton()                               \
+                               .findSchemaOrThrow("lookahead_cuda::" #name, "")       \
+                               .typed<__VA_ARGS__>();                                 \
+    return op;                                                                         \
+  }
+LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_DECLARE_HANDLE)
+#undef LOOKAHEAD_DECLARE_HANDLE
 
 }  // namespace lookahead

@@ -15,11 +15,12 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <initializer_list>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "op_declarations.h"
 #include "op_handles.h"
 
 namespace lookahead {
@@ -63,146 +64,109 @@ class BorrowedTensors {
 
 bool plain_tensor(py::handle object) { return THPVariable_CheckExact(object.ptr()); }
 
-// A Tensor? argument: None, or a plain tensor (one counted reference: a single tensor is cheap).
-bool optional_tensor(py::handle object, std::optional<at::Tensor>& out) {
-  if (object.is_none()) return true;
-  if (!plain_tensor(object)) return false;
-  out = THPVariable_Unpack(object.ptr());
-  return true;
-}
+// How an entry point takes one argument from Python: exactly as the schema's type names it, or not
+// at all (from() returns false). One per C++ parameter type of op_declarations.h.
+template <typename T>
+struct Take;
 
-// alpha as the schema's float takes it (a Python float or int, not a bool); anything else is left to
-// the Python wrapper's checks.
-std::optional<double> plain_float(py::handle object) {
-  if (PyBool_Check(object.ptr())) return std::nullopt;
-  if (!PyFloat_Check(object.ptr()) && !PyLong_Check(object.ptr())) return std::nullopt;
-  const double value = PyFloat_AsDouble(object.ptr());
-  if (value == -1.0 && PyErr_Occurred()) {
-    PyErr_Clear();
-    return std::nullopt;
+template <>
+struct Take<at::TensorList> {
+  std::optional<BorrowedTensors> borrowed;
+  bool from(py::handle object) {
+    std::optional<BorrowedTensors> tensors = BorrowedTensors::of(object);
+    if (!tensors) return false;
+    borrowed.emplace(std::move(*tensors));
+    return true;
   }
-  return value;
-}
+  at::TensorList get() const { return borrowed->list(); }
+};
 
-std::optional<bool> plain_bool(py::handle object) {
-  if (!PyBool_Check(object.ptr())) return std::nullopt;
-  return object.ptr() == Py_True;
-}
-
-// Every sequence borrowed, or nullopt if one is not a list or tuple of plain tensors.
-std::optional<std::vector<BorrowedTensors>> borrow_lists(
-    std::initializer_list<py::handle> sequences) {
-  std::vector<BorrowedTensors> lists;
-  lists.reserve(sequences.size());
-  for (const py::handle sequence : sequences) {
-    std::optional<BorrowedTensors> borrowed = BorrowedTensors::of(sequence);
-    if (!borrowed) return std::nullopt;
-    lists.push_back(std::move(*borrowed));
+// A float as the schema's float takes it: a Python float or int, not a bool.
+template <>
+struct Take<double> {
+  double value = 0.0;
+  bool from(py::handle object) {
+    if (PyBool_Check(object.ptr())) return false;
+    if (!PyFloat_Check(object.ptr()) && !PyLong_Check(object.ptr())) return false;
+    value = PyFloat_AsDouble(object.ptr());
+    if (value == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
   }
-  return lists;
-}
+  double get() const { return value; }
+};
 
-// The flags of the gated ops and found_nonfinite_: a plain tensor, then None or a plain tensor.
-bool plain_flags(py::handle required, py::handle optional, std::optional<at::Tensor>& out) {
-  return plain_tensor(required) && optional_tensor(optional, out);
-}
-
-bool try_lookahead_update(py::handle slow, py::handle fast, py::handle alpha) {
-  const std::optional<double> alpha_value = plain_float(alpha);
-  if (!alpha_value || at::impl::torch_function_mode_enabled()) return false;
-  auto lists = borrow_lists({slow, fast});
-  if (!lists) return false;
-  py::gil_scoped_release no_gil;
-  lookahead_update_op().call((*lists)[0].list(), (*lists)[1].list(), *alpha_value);
-  return true;
-}
-
-bool try_lookahead_update_if(py::handle slow, py::handle fast, py::handle alpha, py::handle due,
-                             py::handle restore) {
-  const std::optional<double> alpha_value = plain_float(alpha);
-  std::optional<at::Tensor> restore_tensor;
-  if (!alpha_value || at::impl::torch_function_mode_enabled() ||
-      !plain_flags(due, restore, restore_tensor)) {
-    return false;
+template <>
+struct Take<bool> {
+  bool value = false;
+  bool from(py::handle object) {
+    if (!PyBool_Check(object.ptr())) return false;
+    value = object.ptr() == Py_True;
+    return true;
   }
-  auto lists = borrow_lists({slow, fast});
-  if (!lists) return false;
-  const at::Tensor& due_tensor = THPVariable_Unpack(due.ptr());
-  py::gil_scoped_release no_gil;
-  lookahead_update_if_op().call((*lists)[0].list(), (*lists)[1].list(), *alpha_value, due_tensor,
-                                restore_tensor);
-  return true;
-}
+  bool get() const { return value; }
+};
 
-bool try_lookahead_momentum_update(py::handle slow, py::handle fast, py::handle momentum,
-                                   py::handle lr, py::handle mu, py::handle nesterov) {
-  const std::optional<double> lr_value = plain_float(lr);
-  const std::optional<double> mu_value = plain_float(mu);
-  const std::optional<bool> nesterov_value = plain_bool(nesterov);
-  if (!lr_value || !mu_value || !nesterov_value || at::impl::torch_function_mode_enabled()) {
-    return false;
+// A single tensor is borrowed from its Python object, which the caller's arguments keep alive.
+template <>
+struct Take<const at::Tensor&> {
+  PyObject* object = nullptr;
+  bool from(py::handle handle) {
+    if (!plain_tensor(handle)) return false;
+    object = handle.ptr();
+    return true;
   }
-  auto lists = borrow_lists({slow, fast, momentum});
-  if (!lists) return false;
-  py::gil_scoped_release no_gil;
-  lookahead_momentum_update_op().call((*lists)[0].list(), (*lists)[1].list(), (*lists)[2].list(),
-                                      *lr_value, *mu_value, *nesterov_value);
-  return true;
-}
+  const at::Tensor& get() const { return THPVariable_Unpack(object); }
+};
 
-bool try_lookahead_momentum_update_if(py::handle slow, py::handle fast, py::handle momentum,
-                                      py::handle lr, py::handle mu, py::handle nesterov,
-                                      py::handle due, py::handle restore) {
-  const std::optional<double> lr_value = plain_float(lr);
-  const std::optional<double> mu_value = plain_float(mu);
-  const std::optional<bool> nesterov_value = plain_bool(nesterov);
-  std::optional<at::Tensor> restore_tensor;
-  if (!lr_value || !mu_value || !nesterov_value || at::impl::torch_function_mode_enabled() ||
-      !plain_flags(due, restore, restore_tensor)) {
-    return false;
+template <>
+struct Take<const std::optional<at::Tensor>&> {
+  std::optional<at::Tensor> value;
+  bool from(py::handle object) {
+    if (object.is_none()) return true;
+    if (!plain_tensor(object)) return false;
+    value = THPVariable_Unpack(object.ptr());
+    return true;
   }
-  auto lists = borrow_lists({slow, fast, momentum});
-  if (!lists) return false;
-  const at::Tensor& due_tensor = THPVariable_Unpack(due.ptr());
-  py::gil_scoped_release no_gil;
-  lookahead_momentum_update_if_op().call((*lists)[0].list(), (*lists)[1].list(),
-                                         (*lists)[2].list(), *lr_value, *mu_value,
-                                         *nesterov_value, due_tensor, restore_tensor);
-  return true;
-}
+  const std::optional<at::Tensor>& get() const { return value; }
+};
 
-bool try_found_nonfinite(py::handle tensors, py::handle found, py::handle due) {
-  std::optional<at::Tensor> due_tensor;
-  if (at::impl::torch_function_mode_enabled() || !plain_flags(found, due, due_tensor)) {
-    return false;
+template <typename>
+using PythonObject = py::handle;
+
+// The entry point of one op: every argument taken, or False and nothing done.
+template <typename Signature, const c10::TypedOperatorHandle<Signature>& (*kHandle)()>
+struct EagerCall;
+
+template <typename... Args, const c10::TypedOperatorHandle<void(Args...)>& (*kHandle)()>
+struct EagerCall<void(Args...), kHandle> {
+  static bool call(PythonObject<Args>... objects) {
+    if (at::impl::torch_function_mode_enabled()) return false;
+    return call_taken(std::index_sequence_for<Args...>{}, objects...);
   }
-  auto lists = borrow_lists({tensors});
-  if (!lists) return false;
-  const at::Tensor& found_tensor = THPVariable_Unpack(found.ptr());
-  py::gil_scoped_release no_gil;
-  found_nonfinite_op().call((*lists)[0].list(), found_tensor, due_tensor);
-  return true;
-}
+
+  template <size_t... I>
+  static bool call_taken(std::index_sequence<I...>, PythonObject<Args>... objects) {
+    std::tuple<Take<Args>...> taken;
+    if (!(std::get<I>(taken).from(objects) && ...)) return false;
+    py::gil_scoped_release no_gil;
+    kHandle().call(std::get<I>(taken).get()...);
+    return true;
+  }
+};
 
 }  // namespace
 
 void def_python_calls(py::module_& m) {
-  m.def("try_lookahead_update_", &try_lookahead_update, py::arg("slow"), py::arg("fast"),
-        py::arg("alpha"),
-        "lookahead_update_ through the dispatcher without boxing; False (nothing done) unless "
-        "all tensors are plain and no __torch_function__ mode is active.");
-  m.def("try_lookahead_update_if_", &try_lookahead_update_if, py::arg("slow"), py::arg("fast"),
-        py::arg("alpha"), py::arg("due"), py::arg("restore"),
-        "lookahead_update_if_ through the dispatcher without boxing; False as above.");
-  m.def("try_lookahead_momentum_update_", &try_lookahead_momentum_update, py::arg("slow"),
-        py::arg("fast"), py::arg("momentum"), py::arg("lr"), py::arg("mu"), py::arg("nesterov"),
-        "lookahead_momentum_update_ through the dispatcher without boxing; False as above.");
-  m.def("try_lookahead_momentum_update_if_", &try_lookahead_momentum_update_if, py::arg("slow"),
-        py::arg("fast"), py::arg("momentum"), py::arg("lr"), py::arg("mu"), py::arg("nesterov"),
-        py::arg("due"), py::arg("restore"),
-        "lookahead_momentum_update_if_ through the dispatcher without boxing; False as above.");
-  m.def("try_found_nonfinite_", &try_found_nonfinite, py::arg("tensors"), py::arg("found"),
-        py::arg("due"), "found_nonfinite_ through the dispatcher without boxing; False as above.");
+#define LOOKAHEAD_DEF_EAGER_CALL(name, schema, ...)                                             \
+  m.def("try_" #name, &EagerCall<__VA_ARGS__, &name##op>::call,                                 \
+        #name " through the dispatcher without boxing; False (nothing done) unless every "      \
+        "argument has exactly the type its schema names and no __torch_function__ mode is "     \
+        "active.");
+  LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_DEF_EAGER_CALL)
+#undef LOOKAHEAD_DEF_EAGER_CALL
 }
 
 }  // namespace lookahead

@@ -5,8 +5,7 @@
 
 namespace lookahead {
 
-// Adds try_lookahead_update_, try_lookahead_update_if_, try_lookahead_momentum_update_,
-// try_lookahead_momentum_update_if_ and try_found_nonfinite_ to the module.
+// Adds try_<op> to the module for every op of op_declarations.h (try_lookahead_update_, ...).
 void def_python_calls(pybind11::module_& m);
 
 }  // namespace lookahead

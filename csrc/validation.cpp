@@ -48,10 +48,6 @@ void prefetch_ahead(c10::ArrayRef<at::TensorList> lists, size_t i) {
   }
 }
 
-bool is_supported_float(c10::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 // What every tensor argument must be; `first` names the tensor whose device the others match. Names
 // are callables, evaluated only for a message: a call with thousands of tensors must not pay for
 // building them.
@@ -61,10 +57,9 @@ void check_tensor_argument(const char* op, const at::Tensor& t, const Name& name
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name(), " is an undefined tensor");
   TORCH_CHECK_TYPE(t.layout() == at::kStrided, op, ": ", name(), " has layout ", t.layout(),
                    "; only dense (strided) tensors are supported");
-  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name(), " has dtype ",
-                   dtype_name(t.scalar_type()),
-                   "; Lookahead works on torch.float32, torch.float64, torch.float16 and "
-                   "torch.bfloat16 tensors");
+  TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), op, ": ", name(), " has dtype ",
+                   dtype_name(t.scalar_type()), "; Lookahead works on tensors of ",
+                   supported_dtypes_text());
   TORCH_CHECK_VALUE(t.device() == device, op, ": ", name(), " is on ", t.device(), " but ", first,
                     " is on ", device, "; all tensors of a call must be on one device");
 }

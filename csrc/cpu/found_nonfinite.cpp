@@ -1,5 +1,4 @@
 // CPU backend of found_nonfinite_: one parallel pass reading every element of the flat tensors.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -8,6 +7,7 @@
 #include <optional>
 #include <vector>
 
+#include "../dtype_pairs.h"
 #include "../element_math.h"
 #include "../op_skeleton.h"
 #include "parallel_over.h"
@@ -27,10 +27,10 @@ void found_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found,
   run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatItem>& flat) {
     if (due && !due->item<bool>()) return;
     std::atomic<bool> bad{false};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
-                                    "found_nonfinite_", [&] {
+    dispatch_dtype(tensors[0].scalar_type(), [&](auto tag) {
+      using T = typename decltype(tag)::type;
       parallel_over(flat, [&](size_t t, int64_t offset, int64_t n) {
-        if (any_nonfinite(static_cast<const scalar_t*>(flat[t].data[0]) + offset, n)) {
+        if (any_nonfinite(static_cast<const T*>(flat[t].data[0]) + offset, n)) {
           bad.store(true, std::memory_order_relaxed);
         }
       });
