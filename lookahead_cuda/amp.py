@@ -1,10 +1,13 @@
-"""GradScaler's side of a step, for an inner optimizer that leaves it to GradScaler.
+"""GradScaler's side of the inner step.
 
-GradScaler never calls ``step()`` of such an optimizer on a step it skips (inf/NaN gradients), so
-a wrapper cannot see, or count, that step. Under a process group every worker must count every
-step (their syncs call a collective together), so Lookahead then tells GradScaler it handles
-scaling itself, and does here what GradScaler would have done: unscale the gradients exactly as
-``GradScaler.unscale_`` does, and step unless an inf or NaN was found.
+GradScaler leaves unscaling and skipping to an optimizer that says it handles them
+(``_step_supports_amp_scaling``, as fused Adam does), handing it the scale and the inf flag as
+attributes; Lookahead says so when its inner optimizer does, and passes them on. GradScaler never
+calls ``step()`` of any other optimizer on a step it skips (inf/NaN gradients), so a wrapper cannot
+see, or count, that step. Under a process group every worker must count every step (their syncs
+call a collective together), so Lookahead then says so for any inner optimizer, and does here what
+GradScaler would have done: unscale the gradients exactly as ``GradScaler.unscale_`` does, and
+step unless an inf or NaN was found.
 """
 
 from __future__ import annotations
@@ -13,6 +16,27 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+
+
+def inner_step(
+    optimizer: torch.optim.Optimizer,
+    closure: Callable[[], float] | None,
+    found_inf: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    handles_scaling: bool,
+) -> float | None:
+    """``optimizer.step(closure)`` under GradScaler's ``found_inf`` and ``grad_scale`` (None:
+    not under GradScaler); ``handles_scaling``: ``optimizer`` unscales and skips itself."""
+    if found_inf is None:
+        return optimizer.step(closure)
+    if not handles_scaling:
+        return unscale_and_step(optimizer, closure, grad_scale, found_inf)
+    optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
+    optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+    try:
+        return optimizer.step(closure)
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
 
 
 def unscale_and_step(

@@ -3,10 +3,14 @@ weights of a checkpoint saved so, waiting for training to resume."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from lookahead_cuda.keys import SLOW_PARAM, parameter_name
+
+State = Mapping[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
 def _swap_(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -55,6 +59,24 @@ class SlowWeightsInParameters:
             self.undo()
             raise
 
+    @classmethod
+    def of(cls, groups: Sequence[Mapping[str, Any]], state: State) -> SlowWeightsInParameters:
+        """The parameters of ``groups`` that have slow weights in ``state``, holding them."""
+        if state and not any(group["params"] for group in groups):
+            raise RuntimeError(
+                "Lookahead.eval(): no param group holds a tensor now, though slow weights exist "
+                "(DeepSpeed ZeRO-3 empties the groups between steps); under DeepSpeed use "
+                "lookahead_cuda.deepspeed_zero.slow_weights(engine)"
+            )
+        return cls(
+            [
+                (param, state[param][SLOW_PARAM], parameter_name(i, j))
+                for i, group in enumerate(groups)
+                for j, param in enumerate(group["params"])
+                if SLOW_PARAM in state.get(param, {})
+            ]
+        )
+
     def slow_and_fast(self) -> dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Where the slow weights and the fast values of each swapped parameter are now."""
         return {
@@ -71,6 +93,36 @@ class SlowWeightsInParameters:
                     _swap_(param, slow)
                 else:
                     param.copy_(stash)
+
+
+def slow_state_dict(
+    module: torch.nn.Module,
+    state: State,
+    swapped: Mapping[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with each parameter that has slow weights in ``state`` replaced by
+    a copy of them in the parameter's dtype and device (``swapped``: where the slow weights of
+    parameters that hold them are, in evaluation mode). Refused when ``state`` has slow weights
+    but none for ``module``'s trainable parameters (another model, or DeepSpeed's flat copies)."""
+    dict_ = module.state_dict()
+    found = False
+    with torch.no_grad():
+        for key, param in module.named_parameters(remove_duplicate=False):
+            slow = state.get(param, {}).get(SLOW_PARAM)
+            if slow is None or key not in dict_:
+                continue
+            if param in swapped:
+                slow = swapped[param][0]
+            dict_[key] = slow.detach().to(param.device, param.dtype, copy=True)
+            found = True
+    trainable = any(param.requires_grad for param in module.parameters())
+    if not found and trainable and any(SLOW_PARAM in entry for entry in state.values()):
+        raise ValueError(
+            f"slow_state_dict: none of the {type(module).__name__}'s parameters is one this "
+            "Lookahead steps, so it has no slow weights for them (under DeepSpeed ZeRO, which "
+            "steps flat copies of them, use lookahead_cuda.deepspeed_zero.slow_state_dict)"
+        )
+    return dict_
 
 
 class LoadedFastWeights:
@@ -121,3 +173,58 @@ class LoadedFastWeights:
     def __getstate__(self) -> dict[str, Any]:
         # A hook handle does not travel: a copy puts its weights back at its optimizer's calls.
         return {"_fast": self._fast, "_hook": None}
+
+
+class EvaluationMode:
+    """Which weights a Lookahead's parameters hold: the fast ones (training mode) or the slow ones
+    (evaluation mode, between ``eval()`` and ``train()``); and the fast weights of a loaded
+    checkpoint that was saved in evaluation mode, until training resumes."""
+
+    def __init__(self) -> None:
+        self._swapped: SlowWeightsInParameters | None = None
+        self._loaded = LoadedFastWeights({})
+
+    @property
+    def training(self) -> bool:
+        return self._swapped is None
+
+    def enter(self, groups: Sequence[Mapping[str, Any]], state: State) -> None:
+        """Evaluation mode: the parameters of ``groups`` that have slow weights hold them."""
+        self._loaded.put_back()
+        if self._swapped is None:
+            self._swapped = SlowWeightsInParameters.of(groups, state)
+
+    def leave(self) -> None:
+        """Training mode: the fast weights back in the parameters."""
+        self._loaded.put_back()
+        if self._swapped is not None:
+            self._swapped.undo()
+            self._swapped = None
+
+    def check_training(self, what: str) -> None:
+        """Raise unless in training mode (after putting back loaded fast weights)."""
+        self._loaded.put_back()
+        if self._swapped is not None:
+            raise RuntimeError(
+                f"Lookahead.{what}() in evaluation mode: the parameters hold the slow weights; "
+                "call opt.train() first (or leave the slow_weights() block)"
+            )
+
+    def slow_and_fast(self) -> dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Where the slow and the fast weights of each parameter that holds the slow ones are."""
+        return self._swapped.slow_and_fast() if self._swapped is not None else {}
+
+    def fast_elsewhere(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The fast weights of parameters that do not hold them: in evaluation mode, and a loaded
+        checkpoint's until they are put back."""
+        fast = dict(self._loaded.pending())
+        fast.update((param, f) for param, (_, f) in self.slow_and_fast().items())
+        return fast
+
+    def loaded(self, fast: dict[torch.Tensor, torch.Tensor]) -> None:
+        """A checkpoint was loaded: training mode, the parameters keeping what they hold (in
+        evaluation mode, the fast values waiting are the old run's), and ``fast``, the fast
+        weights it carries, going into the parameters now and again when training resumes."""
+        self._swapped = None
+        self._loaded.discard()
+        self._loaded = LoadedFastWeights(fast)

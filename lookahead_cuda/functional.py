@@ -37,16 +37,16 @@ from typing import Any
 
 import torch
 
-from lookahead_cuda import _C
 from lookahead_cuda.offload import StagingBuffers, offloaded_update_, runs_by_bytes
 from lookahead_cuda.ops import (
-    SUPPORTED_DTYPE_PAIRS,
+    check_sync,
     found_nonfinite_,
     lookahead_momentum_update_,
     lookahead_momentum_update_if_,
     lookahead_update_,
     lookahead_update_if_,
 )
+from lookahead_cuda.settings import MOMENTUM_RANGE, momentum_in_range
 
 __all__ = [
     "AVERAGE_BUCKET_BYTES",
@@ -178,51 +178,30 @@ def check_buckets(
     """Raise the error that :func:`sync_buckets` would raise, before anything is written: so that
     a sync over several buckets either runs them all or changes nothing. The error names tensors
     by the buckets' ``names`` where they have them. ``offload``: the slow tensors are in host
-    memory and the fast ones on another device, so each pair is checked as the host will see it."""
+    memory and the fast ones on another device, so each pair is checked as the host will see it
+    (on meta tensors of the same shapes, strides and dtypes)."""
     for bucket in buckets.values():
+        lists = [bucket.slow, bucket.fast, bucket.momentum if momentum > 0 else None]
         if offload:
-            _check_offloaded(bucket)
-        else:
-            buffers = bucket.momentum if momentum > 0 else None
-            args = (bucket.slow, bucket.fast, buffers, float(alpha), float(momentum))
-            try:
-                _C.check_sync(*args, [])
-            except (TypeError, ValueError):
-                # Again with the names, for the message: handing them over costs as much as the
-                # check itself, which runs before every step that may sync.
-                if not bucket.names:
-                    raise
-                _C.check_sync(*args, bucket.names)
-                raise
+            for i, slow in enumerate(bucket.slow):
+                if slow.device.type != "cpu":
+                    raise ValueError(
+                        f"the slow copy of {bucket.name(i)} is on {slow.device}; offloaded slow "
+                        "copies live in host memory"
+                    )
+            lists = [None if tensors is None else list(map(_meta, tensors)) for tensors in lists]
+        check_sync(*lists, alpha, momentum, bucket.names or ())
 
 
-def _check_offloaded(bucket: Bucket) -> None:
-    pair = (bucket.slow[0].dtype, bucket.fast[0].dtype) if bucket.fast else None
-    for i, (slow, fast) in enumerate(zip(bucket.slow, bucket.fast)):
-        name = bucket.name(i)
-        if (slow.dtype, fast.dtype) != pair or pair not in SUPPORTED_DTYPE_PAIRS:
-            raise TypeError(
-                f"offloaded_update_: {name} has dtype {fast.dtype} with its slow copy in "
-                f"{slow.dtype}; one call syncs one supported (slow, fast) dtype pair, here {pair}"
-            )
-        if slow.shape != fast.shape:
-            raise ValueError(
-                f"offloaded_update_: the slow copy of {name} has shape {tuple(slow.shape)} but "
-                f"{name} has shape {tuple(fast.shape)}"
-            )
-        if slow.device.type != "cpu" or fast.device != bucket.fast[0].device:
-            raise ValueError(
-                f"offloaded_update_: {name} is on {fast.device} with its slow copy on "
-                f"{slow.device}; offloaded slow copies live in host memory, the fast tensors of a "
-                "call on one device"
-            )
+def _meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
 
 
 def _check_momentum(momentum: Any) -> None:
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"sync_buckets: momentum must be a number, got {type(momentum).__name__}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"sync_buckets: momentum must be in [0, 1), got {momentum!r}")
+    if not momentum_in_range(momentum):
+        raise ValueError(f"sync_buckets: momentum must be in {MOMENTUM_RANGE}, got {momentum!r}")
 
 
 def _on(device: torch.device, flag: torch.Tensor | None) -> torch.Tensor | None:

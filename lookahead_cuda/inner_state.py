@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from lookahead_cuda.settings import FIRST_MOMENT_BUFFERS
+from lookahead_cuda.keys import FIRST_MOMENT_BUFFERS
+
+# Optimizers that keep no first moment: "pullback" has nothing to interpolate in them.
+_WITHOUT_FIRST_MOMENT = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adagrad", "Adadelta", "Rprop", "ASGD", "LBFGS", "Adafactor")
+    if hasattr(torch.optim, name)
+)
 
 
 class InitialInnerState:
@@ -99,6 +106,11 @@ def _expand(value: Any) -> Any:
         _, shape, dtype, device, fill = value
         return torch.full(shape, fill, dtype=dtype, device=device)
     return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def has_first_moments(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` may keep first-moment buffers (``FIRST_MOMENT_BUFFERS``)."""
+    return not isinstance(optimizer, _WITHOUT_FIRST_MOMENT)
 
 
 def first_moments(entry: Mapping[str, Any]) -> Iterable[tuple[str, torch.Tensor]]:

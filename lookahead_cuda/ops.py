@@ -30,6 +30,8 @@ def _dtype(name: str) -> torch.dtype:
 SUPPORTED_DTYPE_PAIRS: tuple[tuple[torch.dtype, torch.dtype], ...] = tuple(
     (_dtype(slow), _dtype(fast)) for slow, fast in _C.supported_dtype_pairs()
 )
+#: The dtypes of those pairs, each once: what found_nonfinite_ reads and slow weights are kept in.
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(map(_dtype, _C.supported_dtypes()))
 
 
 def build_info() -> dict[str, Any]:
@@ -37,25 +39,34 @@ def build_info() -> dict[str, Any]:
     return dict(_BUILD_INFO)
 
 
-# What each argument of an op must be in Python, by kind: the schema's Tensor[] (a list or tuple of
-# tensors), float (a number, not a bool), bool, Tensor and Tensor?.
-_TENSORS, _FLOAT, _BOOL, _TENSOR, _OPTIONAL_TENSOR = "tensors", "float", "bool", "tensor", "tensor?"
-_UPDATE = (("slow", _TENSORS), ("fast", _TENSORS), ("alpha", _FLOAT))
-_MOMENTUM_UPDATE = (
-    ("slow", _TENSORS),
-    ("fast", _TENSORS),
-    ("momentum", _TENSORS),
-    ("lr", _FLOAT),
-    ("mu", _FLOAT),
-    ("nesterov", _BOOL),
-)
-_GATES = (("due", _TENSOR), ("restore", _OPTIONAL_TENSOR))  # what an ``_if_`` form adds
+def check_sync(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    momentum: Sequence[torch.Tensor] | None,
+    alpha: float,
+    mu: float,
+    names: Sequence[str] = (),
+) -> None:
+    """Raise the error that ``lookahead_update_(slow, fast, alpha)`` (with a ``momentum`` list,
+    ``lookahead_momentum_update_(slow, fast, momentum, alpha, mu, ...)``) would raise, naming
+    ``fast[i]`` ``names[i]`` where given (its slow copy and momentum after it); nothing otherwise.
+    Nothing is read or written."""
+    _C.check_sync(slow, fast, momentum, float(alpha), float(mu), list(names))
+
+
+#: ``TensorFingerprint(tensors)`` records each tensor's data address, dtype, device, sizes and
+#: strides; ``.matches()`` tells, in one pass that validates nothing, whether all are unchanged.
+TensorFingerprint = _C.TensorFingerprint
+
+# Each op's arguments, read from its registered schema (csrc/op_declarations.h declares it once):
+# (name, type) with the schema's types, "List[Tensor]", "float", "bool", "Tensor" and
+# "Optional[Tensor]".
 _SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
-    "lookahead_update_": _UPDATE,
-    "lookahead_update_if_": _UPDATE + _GATES,
-    "lookahead_momentum_update_": _MOMENTUM_UPDATE,
-    "lookahead_momentum_update_if_": _MOMENTUM_UPDATE + _GATES,
-    "found_nonfinite_": (("tensors", _TENSORS), ("found", _TENSOR), ("due", _OPTIONAL_TENSOR)),
+    name: tuple(
+        (argument.name, str(argument.type))
+        for argument in getattr(torch.ops.lookahead_cuda, name).default._schema.arguments
+    )
+    for name in _C.op_names()
 }
 _EAGER = {name: getattr(_C, "try_" + name) for name in _SIGNATURES}
 _OPS = {name: getattr(torch.ops.lookahead_cuda, name) for name in _SIGNATURES}
@@ -64,21 +75,21 @@ _OPS = {name: getattr(torch.ops.lookahead_cuda, name) for name in _SIGNATURES}
 def _check_arguments(op: str, args: Sequence[Any]) -> None:
     """A ``TypeError`` naming the first argument of the wrong Python type."""
     for (name, kind), value in zip(_SIGNATURES[op], args):
-        if kind == _TENSORS:
+        if kind == "List[Tensor]":
             if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
                 got = type(value).__name__
                 raise TypeError(f"{op}: {name} must be a list of tensors, got {got}")
             for i, t in enumerate(value):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
-        elif kind == _FLOAT and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        elif kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
-        elif kind == _BOOL and not isinstance(value, bool):
+        elif kind == "bool" and not isinstance(value, bool):
             raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__}")
-        elif kind in (_TENSOR, _OPTIONAL_TENSOR) and not (
-            isinstance(value, torch.Tensor) or (kind == _OPTIONAL_TENSOR and value is None)
+        elif kind in ("Tensor", "Optional[Tensor]") and not (
+            isinstance(value, torch.Tensor) or (kind == "Optional[Tensor]" and value is None)
         ):
-            expected = "a torch.bool tensor" + (" or None" if kind == _OPTIONAL_TENSOR else "")
+            expected = "a torch.bool tensor" + (" or None" if kind == "Optional[Tensor]" else "")
             raise TypeError(f"{op}: {name} must be {expected}, got {type(value).__name__}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,11 +14,6 @@ from lookahead_cuda.settings import GroupSetting
 # Per param group, beside RAdam's hyperparameters, so it can differ per group and travels with
 # state_dict() like `amsgrad` or `maximize` do in torch.optim.
 USE_GC = "use_gc"
-
-# Optimizer.__init__ wraps the step of the instance's class (Ranger.step here) in the step-hook
-# machinery, and wraps Lookahead.step once any Lookahead exists; calling that wrapped step from
-# Ranger.step would run the hooks twice.
-_lookahead_step = inspect.unwrap(Lookahead.step)
 
 
 def _check_use_gc(value: Any, where: str) -> None:
@@ -127,17 +121,16 @@ class Ranger(Lookahead):
             state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Centralize the gradients, then one RAdam step; every k-th, the slow update."""
-        self._check_training("step")  # before the gradients are touched
-        self._give_settings_to_added_groups()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _before_inner_step(self, closure: Callable[[], float] | None) -> Callable[[], float] | None:
+        """Centralize the gradients before RAdam steps: with a closure, those it produces (it is
+        evaluated here, with gradients enabled, and RAdam gets its loss)."""
+        if closure is None:
+            self._centralize_gradients()
+            return None
+        with torch.enable_grad():
+            loss = closure()
         self._centralize_gradients()
-        _lookahead_step(self)
-        return loss
+        return lambda: loss
 
     @torch.no_grad()
     def _centralize_gradients(self) -> None:

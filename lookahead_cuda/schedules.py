@@ -12,8 +12,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from lookahead_cuda.keys import ALPHA, K
 from lookahead_cuda.optimizer import Lookahead
-from lookahead_cuda.settings import ALPHA, K, check_settings
+from lookahead_cuda.settings import check_settings
 
 T = TypeVar("T")
 

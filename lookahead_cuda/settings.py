@@ -1,42 +1,59 @@
-"""Lookahead's settings: the param-group keys they live under, their validation, and the attribute
-that reads and sets one for every group.
+"""Lookahead's settings: their ranges, their validation, and the attribute that reads and sets one
+for every param group.
 
-They live in every param group next to the inner optimizer's hyperparameters (prefixed: RMSprop
-already has an ``alpha``), so they can differ per group, are changed the way a scheduler changes
-``lr``, and travel with ``state_dict()``.
+They live in every param group next to the inner optimizer's hyperparameters (:mod:`keys` names
+them), so they can differ per group, are changed the way a scheduler changes ``lr``, and travel
+with ``state_dict()``. Every check of a setting's value, wherever it is made (the optimizer, the
+functional core, the schedules, the benchmark's command line), asks the predicates here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from lookahead_cuda.optimizer import Lookahead
-
-K = "lookahead_k"
-ALPHA = "lookahead_alpha"
-INNER_STATE = "lookahead_inner_state"
-SLOW_DTYPE = "lookahead_slow_dtype"
-NONFINITE = "lookahead_nonfinite"
-MOMENTUM = "lookahead_momentum"
-NESTEROV = "lookahead_nesterov"
-KEYS = (K, ALPHA, INNER_STATE, SLOW_DTYPE, NONFINITE, MOMENTUM, NESTEROV)
+from lookahead_cuda.inner_state import has_first_moments
+from lookahead_cuda.keys import (
+    ALPHA,
+    FIRST_MOMENT_BUFFERS,
+    INNER_STATE,
+    MOMENTUM,
+    NESTEROV,
+    NONFINITE,
+    SLOW_DTYPE,
+    K,
+)
+from lookahead_cuda.ops import SUPPORTED_DTYPES
 
 INNER_STATE_MODES = ("keep", "reset", "pullback")
 NONFINITE_MODES = ("propagate", "restore")
-SLOW_DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SLOW_DTYPES = (None, *SUPPORTED_DTYPES)
 
-# First-moment buffers that "pullback" interpolates: SGD and RMSprop keep `momentum_buffer` (when
-# momentum > 0); Adam, AdamW, Adamax, NAdam and RAdam keep `exp_avg`.
-FIRST_MOMENT_BUFFERS = ("momentum_buffer", "exp_avg")
-WITHOUT_FIRST_MOMENT = tuple(
-    getattr(torch.optim, name)
-    for name in ("Adagrad", "Adadelta", "Rprop", "ASGD", "LBFGS", "Adafactor")
-    if hasattr(torch.optim, name)
-)
+#: The ranges, as messages write them.
+ALPHA_RANGE = "(0, 1]"
+MOMENTUM_RANGE = "[0, 1)"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def alpha_in_range(alpha: Any) -> bool:
+    """Whether ``alpha`` (the slow-weights step size; with momentum, the outer learning rate) is a
+    number in (0, 1]: above 1 the slow weights would overshoot the fast ones."""
+    return _is_number(alpha) and 0.0 < alpha <= 1.0
+
+
+def momentum_in_range(momentum: Any) -> bool:
+    """Whether ``momentum`` (the outer momentum) is a number in [0, 1)."""
+    return _is_number(momentum) and 0.0 <= momentum < 1.0
+
+
+def k_in_range(k: Any) -> bool:
+    """Whether ``k`` (inner steps between syncs) is an integer >= 1."""
+    return isinstance(k, int) and not isinstance(k, bool) and k >= 1
 
 
 def check_settings(
@@ -48,29 +65,25 @@ def check_settings(
     """Raise ValueError naming ``where`` unless every Lookahead key of ``settings`` holds a valid
     value for a Lookahead around ``optimizer`` (``capturable``: a capturable one)."""
     k = settings[K]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not k_in_range(k):
         raise ValueError(f"Invalid k in {where}: {k!r}; expected an integer >= 1")
     momentum = settings[MOMENTUM]
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0.0 <= momentum < 1.0
-    ):
+    if not momentum_in_range(momentum):
         raise ValueError(
-            f"Invalid momentum in {where}: {momentum!r}; expected a number in [0, 1) (the outer "
-            "momentum: 0 is Lookahead, DiLoCo and SNOO use 0.9)"
+            f"Invalid momentum in {where}: {momentum!r}; expected a number in {MOMENTUM_RANGE} "
+            "(the outer momentum: 0 is Lookahead, DiLoCo and SNOO use 0.9)"
         )
     if not isinstance(settings[NESTEROV], bool):
         raise ValueError(
             f"Invalid nesterov in {where}: {settings[NESTEROV]!r}; expected True or False"
         )
     alpha = settings[ALPHA]
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+    if not alpha_in_range(alpha):
         meaning = (
-            "the outer learning rate, a number in (0, 1]: DiLoCo uses 0.7 with momentum 0.9, and "
-            "above 1 the outer step would overshoot the fast weights"
+            f"the outer learning rate, a number in {ALPHA_RANGE}: DiLoCo uses 0.7 with momentum "
+            "0.9, and above 1 the outer step would overshoot the fast weights"
             if momentum > 0
-            else "a number in (0, 1]"
+            else f"a number in {ALPHA_RANGE}"
         )
         raise ValueError(f"Invalid alpha in {where}: {alpha!r}; expected {meaning}")
     inner_state = settings[INNER_STATE]
@@ -83,7 +96,7 @@ def check_settings(
             f"Invalid inner_state in {where}: 'reset' drops the inner optimizer's state on the "
             "host, which a capturable Lookahead never consults; use 'keep' or 'pullback'"
         )
-    if inner_state == "pullback" and isinstance(optimizer, WITHOUT_FIRST_MOMENT):
+    if inner_state == "pullback" and not has_first_moments(optimizer):
         raise ValueError(
             f"Invalid inner_state in {where}: 'pullback' interpolates first-moment buffers "
             f"({', '.join(FIRST_MOMENT_BUFFERS)}), and {type(optimizer).__name__} keeps none; "
@@ -96,9 +109,18 @@ def check_settings(
         )
     if settings[SLOW_DTYPE] not in SLOW_DTYPES:
         raise ValueError(
-            f"Invalid slow_dtype in {where}: {settings[SLOW_DTYPE]!r}; expected None, "
-            "torch.float32, torch.float64, torch.float16 or torch.bfloat16"
+            f"Invalid slow_dtype in {where}: {settings[SLOW_DTYPE]!r}; expected None or one of "
+            + ", ".join(map(str, SUPPORTED_DTYPES))
         )
+
+
+class HasSettings(Protocol):
+    """What a :class:`GroupSetting` reads and writes: a Lookahead."""
+
+    param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    capturable: bool
 
 
 class GroupSetting:
@@ -118,7 +140,7 @@ class GroupSetting:
         self.__doc__ = doc
         self.check = check
 
-    def __get__(self, opt: Lookahead | None, owner: type) -> Any:
+    def __get__(self, opt: HasSettings | None, owner: type) -> Any:
         if opt is None:
             return self
         # .get: a group added through the inner optimizer gets the defaults at the next step.
@@ -130,7 +152,7 @@ class GroupSetting:
             )
         return values.pop() if values else opt.defaults[self.key]
 
-    def __set__(self, opt: Lookahead, value: Any) -> None:
+    def __set__(self, opt: HasSettings, value: Any) -> None:
         where = f"{type(opt).__name__}.{self.key.removeprefix('lookahead_')}"
         if self.check is not None:
             self.check(value, where)

@@ -17,12 +17,23 @@ class SlowCopies:
 
     Args:
         slow_device: ``None`` keeps each copy on its owner's device (the parameter or buffer it
-            is a slow copy of); a CPU device keeps every copy in host memory, pinned when the
-            owner is on CUDA so that a sync's chunks travel asynchronously.
+            is a slow copy of); ``"cpu"`` keeps every copy in host memory, pinned when the owner
+            is on CUDA so that a sync's chunks travel asynchronously.
+        capturable: the syncs are decided on the device, so the host never updates anything.
     """
 
-    def __init__(self, slow_device: torch.device | None) -> None:
-        self.slow_device = slow_device
+    def __init__(self, slow_device: str | torch.device | None, capturable: bool) -> None:
+        if slow_device is not None and torch.device(slow_device).type != "cpu":
+            raise ValueError(
+                f"Invalid slow_device: {slow_device!r}; expected None (each parameter's device) "
+                "or 'cpu'"
+            )
+        if slow_device is not None and capturable:
+            raise ValueError(
+                "slow_device='cpu' updates the slow weights on the host, which a capturable step "
+                "never waits for; use one or the other"
+            )
+        self.slow_device = None if slow_device is None else torch.device(slow_device)
 
     def home(self, owner: torch.Tensor) -> torch.device:
         """The device a slow copy of ``owner`` lives on."""
