@@ -15,14 +15,7 @@ import torch
 import lookahead_cuda
 from lookahead_cuda import Lookahead, lookahead_update_
 from lookahead_cuda.bench.presets import PRESETS
-
-OPS = (
-    "lookahead_update_",
-    "lookahead_update_if_",
-    "lookahead_momentum_update_",
-    "lookahead_momentum_update_if_",
-    "found_nonfinite_",
-)
+from lookahead_cuda.ops import OP_NAMES
 
 
 def build() -> int:
@@ -30,15 +23,14 @@ def build() -> int:
     print(f"build_info: {info}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     missing = [
         op
-        for op in OPS
+        for op in OP_NAMES
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lookahead_cuda::{op}", "CUDA")
     ]
     if not info["cuda"] or missing:
-        print(
-            f"THE BUILD HAS NO CUDA KERNELS for {missing or list(OPS)}: stopping", file=sys.stderr
-        )
+        stopping = f"THE BUILD HAS NO CUDA KERNELS for {missing or list(OP_NAMES)}: stopping"
+        print(stopping, file=sys.stderr)
         return 1
-    print(f"CUDA kernels registered for {', '.join(OPS)}")
+    print(f"CUDA kernels registered for {', '.join(OP_NAMES)}")
     return 0
 
 

@@ -58,6 +58,9 @@ def check_sync(
 #: strides; ``.matches()`` tells, in one pass that validates nothing, whether all are unchanged.
 TensorFingerprint = _C.TensorFingerprint
 
+#: The names of the ops under ``torch.ops.lookahead_cuda`` (csrc/op_declarations.h declares them).
+OP_NAMES: tuple[str, ...] = tuple(_C.op_names())
+
 # Each op's arguments, read from its registered schema (csrc/op_declarations.h declares it once):
 # (name, type) with the schema's types, "List[Tensor]", "float", "bool", "Tensor" and
 # "Optional[Tensor]".
@@ -66,7 +69,7 @@ _SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
         (argument.name, str(argument.type))
         for argument in getattr(torch.ops.lookahead_cuda, name).default._schema.arguments
     )
-    for name in _C.op_names()
+    for name in OP_NAMES
 }
 _EAGER = {name: getattr(_C, "try_" + name) for name in _SIGNATURES}
 _OPS = {name: getattr(torch.ops.lookahead_cuda, name) for name in _SIGNATURES}

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from lookahead_cuda.keys import ALPHA, K
 from lookahead_cuda.optimizer import Lookahead
-from lookahead_cuda.settings import check_settings
+from lookahead_cuda.settings import ALPHA_RANGE, alpha_in_range, check_settings
 
 T = TypeVar("T")
 
@@ -198,12 +198,9 @@ class CosineAlpha(LookaheadScheduler):
     def __init__(self, optimizer: Lookahead, T_max: int, alpha_end: float) -> None:
         if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1:
             raise ValueError(f"Invalid T_max: {T_max!r}; expected an integer >= 1")
-        if (
-            isinstance(alpha_end, bool)
-            or not isinstance(alpha_end, (int, float))
-            or not 0.0 < alpha_end <= 1.0
-        ):
-            raise ValueError(f"Invalid alpha_end: {alpha_end!r}; expected a number in (0, 1]")
+        if not alpha_in_range(alpha_end):
+            expected = f"a number in {ALPHA_RANGE}"
+            raise ValueError(f"Invalid alpha_end: {alpha_end!r}; expected {expected}")
         self.T_max = T_max
         self.alpha_end = alpha_end
         super().__init__(optimizer)
