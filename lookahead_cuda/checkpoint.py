@@ -29,6 +29,7 @@ from lookahead_cuda.keys import (
     STATE_PREFIX,
     STEP,
     WORKER,
+    WORKER_ABSENT,
     WORKER_FAST_PARAM,
 )
 from lookahead_cuda.ops import SUPPORTED_DTYPES
@@ -57,7 +58,8 @@ def dump(
         slow_elsewhere: the slow weights of parameters whose slow copies do not hold them
             (evaluation mode).
         process_group: DiLoCo's workers, or None; with one, every worker's fast weights and inner
-            state are gathered (a collective: every worker calls it).
+            state are gathered (a collective: every worker calls it), entries that only some
+            workers hold marked as such.
     """
     index: dict[int, int] = {}
     for param in params:
@@ -74,13 +76,19 @@ def dump(
             # A copy: the tensor holding them may change roles (at opt.train(), at a step).
             entry[STATE_PREFIX + FAST_PARAM] = fast_elsewhere[param].clone()
     if process_group is not None:
+        local = {}
         for position, param in enumerate(params):
-            fast = fast_elsewhere.get(param, param.detach())
-            entry = entries.setdefault(position, {})
-            entry[STATE_PREFIX + WORKER_FAST_PARAM] = diloco.gathered(fast, process_group)
-            for key, value in list(entry.items()):
+            local[position, FAST_PARAM] = fast_elsewhere.get(param, param.detach())
+            for key, value in entries.get(position, {}).items():
                 if not str(key).startswith(STATE_PREFIX) and isinstance(value, torch.Tensor):
-                    entry[STATE_PREFIX + WORKER + key] = diloco.gathered(value, process_group)
+                    local[position, key] = value
+        devices = [param.device for param in params]
+        replicas = diloco.gather_replicas(local, devices, process_group)
+        for (position, name), (stacked, absent) in replicas.items():
+            entry = entries.setdefault(position, {})
+            entry[STATE_PREFIX + WORKER + name] = stacked
+            if absent is not None:
+                entry[STATE_PREFIX + WORKER_ABSENT + name] = absent
     return {"state": entries, "param_groups": inner["param_groups"]}
 
 
@@ -160,6 +168,12 @@ def parse(
         }
         if mine and key not in position_of:
             raise ValueError(f"loaded Lookahead state for unknown parameter {key!r}")
+        for name in [name for name in mine if name.startswith(WORKER_ABSENT)]:
+            lacking = diloco.row(mine.pop(name), worker, f"loaded {STATE_PREFIX}{name} of {key!r}")
+            if bool(lacking):  # this worker had none: neither the stacked row nor worker 0's
+                entry_name = name.removeprefix(WORKER_ABSENT)
+                mine.pop(WORKER + entry_name, None)
+                inner.pop(entry_name, None)
         for name in [name for name in mine if name.startswith(WORKER)]:
             value = diloco.row(mine.pop(name), worker, f"loaded {STATE_PREFIX}{name} of {key!r}")
             if name == WORKER_FAST_PARAM:

@@ -53,6 +53,9 @@ class StepCounters:
         if restores and RESTORES not in ours:
             ours[RESTORES] = torch.zeros((), dtype=torch.int64, device=first.device)
 
+    def exists(self, group: Mapping[str, Any]) -> bool:
+        return STEP in self._state.get(group["params"][0], {})
+
     def of(self, group: Mapping[str, Any]) -> torch.Tensor:
         return self._state[group["params"][0]][STEP]
 

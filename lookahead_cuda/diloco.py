@@ -1,17 +1,23 @@
 """DiLoCo's side of Lookahead (``Lookahead(process_group=...)``): what it accepts, how its workers
-start from one point, and how a state dict holds every worker's replica.
+start from one point and stay in agreement, and how a state dict holds every worker's replica.
 
 Workers train replicas with no communication between syncs, so everything that must agree across
-them is decided here, once: the arguments, the broadcast of the first worker's weights, and the
+them is decided here, once: the arguments; that every worker has the same settings and parameter
+shapes (:meth:`Workers.agree`, at construction and before each sync, so that a worker that
+differs, or rejects a sync, raises the same error on every worker instead of hanging one of them
+in a collective the others never call); the broadcast of the first worker's weights; and the
 gathering of each worker's fast weights and inner state into one state dict (and back).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from lookahead_cuda.keys import SETTINGS, parameter_name
 
 AVERAGED_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
@@ -29,8 +35,28 @@ class Workers:
         self.group = group
         self.pseudo_gradient_dtype = pseudo_gradient_dtype
 
+    def options(self) -> dict[str, Any]:
+        """The constructor's DiLoCo arguments, which every worker must give alike."""
+        return {"pseudo_gradient_dtype": self.pseudo_gradient_dtype}
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "group": None}
+
+    def agree(self, description: Sequence[tuple[str, Any]], failure: BaseException | None) -> None:
+        """Return if every worker of the group gives the same ``description`` and none a
+        ``failure``; raise the same ``ValueError`` on every worker otherwise, naming the workers
+        and what differs. A collective: every worker calls it at the same point (construction,
+        before each sync). One all-reduce of three integers when they agree."""
+        digest = _digest(description)
+        device = _collective_device(self.group)
+        flags = torch.tensor([int(failure is not None), digest, -digest], device=device)
+        torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=self.group)
+        if flags.tolist() == [0, digest, -digest]:
+            return
+        reports: list[Any] = [None] * torch.distributed.get_world_size(self.group)
+        failed = None if failure is None else f"{type(failure).__name__}: {failure}"
+        torch.distributed.all_gather_object(reports, (list(description), failed), group=self.group)
+        raise ValueError(_disagreement(reports)) from failure
 
 
 def check_arguments(
@@ -62,6 +88,67 @@ def check_arguments(
             "process_group averages over the workers at each sync with a collective that the host "
             "calls, which a capturable step never does; use one or the other"
         )
+
+
+def describe(
+    groups: Sequence[Mapping[str, Any]],
+    options: Mapping[str, Any],
+    counts: Sequence[int | None] = (),
+) -> list[tuple[str, Any]]:
+    """What every worker must have alike: ``options`` (the constructor's DiLoCo arguments), each
+    param group's settings and step count (``counts``, where known), and each parameter's shape
+    and dtype."""
+    items: list[tuple[str, Any]] = [(name, repr(value)) for name, value in options.items()]
+    items += [
+        (f"the step count of param group {i}", n) for i, n in enumerate(counts) if n is not None
+    ]
+    for i, group in enumerate(groups):
+        params = group["params"]
+        items.append((f"the number of parameters of param group {i}", len(params)))
+        items += [
+            (f"{key.removeprefix('lookahead_')} of param group {i}", repr(group[key]))
+            for key in SETTINGS
+        ]
+        items += [
+            (parameter_name(i, j), f"shape {tuple(p.shape)}, {p.dtype}")
+            for j, p in enumerate(params)
+        ]
+    return items
+
+
+def _digest(description: Sequence[tuple[str, Any]]) -> int:
+    # 62 bits, so that the digest and its negation both fit an int64.
+    return (
+        int.from_bytes(
+            hashlib.blake2b(repr(list(description)).encode(), digest_size=8).digest(), "little"
+        )
+        >> 2
+    )
+
+
+def _collective_device(group: Any) -> torch.device:
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _disagreement(reports: Sequence[tuple[list[tuple[str, Any]], str | None]]) -> str:
+    """One message from every worker's (description, failure), the same on every worker."""
+    failed = [f"worker {rank}: {failure}" for rank, (_, failure) in enumerate(reports) if failure]
+    if failed:
+        return "DiLoCo: a sync was rejected, so no worker syncs: " + "; ".join(failed)
+    first = dict(reports[0][0])
+    for rank, (description, _) in enumerate(reports[1:], 1):
+        theirs = dict(description)
+        for name in [*first, *(n for n in theirs if n not in first)]:
+            if first.get(name) != theirs.get(name):
+                mine = first.get(name, "nothing")
+                other = theirs.get(name, "nothing")
+                return (
+                    f"DiLoCo workers disagree on {name}: worker 0 has {mine}, worker {rank} has "
+                    f"{other}; every worker must build the same model and Lookahead"
+                )
+    return "DiLoCo workers disagree"  # digests differ but descriptions do not: unreachable
 
 
 def check_step() -> None:
@@ -105,6 +192,44 @@ def gathered(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
     return torch.stack(parts)
+
+
+#: (position, name) -> (every worker's tensor stacked, which workers lack it or None if none does)
+Replicas = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def gather_replicas(
+    local: Mapping[tuple[int, str], torch.Tensor],
+    devices: Sequence[torch.device],
+    group: Any,
+) -> Replicas:
+    """Every worker's tensors of a state dict, stacked, when the workers need not hold the same
+    entries: they first agree on the union of (position, name) entries (one small gather of their
+    shapes and dtypes), then gather each, a worker without it sending zeros that the returned mask
+    marks. Entries of one name and position must have one shape and dtype on every worker.
+
+    Args:
+        local: this worker's tensors by (parameter position, name).
+        devices: by parameter position, where a placeholder is made.
+    """
+    seen = {key: (tuple(t.shape), t.dtype) for key, t in local.items()}
+    everyone: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(everyone, seen, group=group)
+    replicas: Replicas = {}
+    for key in sorted(set().union(*everyone)):
+        kinds = {theirs[key] for theirs in everyone if key in theirs}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"DiLoCo workers hold {key[1]} of parameter {key[0]} in different shapes or dtypes "
+                f"{sorted(map(str, kinds))}; every worker must build the same model and optimizer"
+            )
+        ((shape, dtype),) = kinds
+        mine = local.get(key)
+        if mine is None:
+            mine = torch.zeros(shape, dtype=dtype, device=devices[key[0]])
+        absent = [key not in theirs for theirs in everyone]
+        replicas[key] = (gathered(mine, group), torch.tensor(absent) if any(absent) else None)
+    return replicas
 
 
 def row(value: Any, worker: tuple[int, int] | None, where: str) -> torch.Tensor:

@@ -52,3 +52,7 @@ FAST_PARAM = "fast_param"
 # size, so that one process can save the dict and every process resume its own replica from it.
 WORKER = "worker_"
 WORKER_FAST_PARAM = WORKER + FAST_PARAM
+# Beside a stacked entry that some workers do not have (an inner optimizer creates its state
+# lazily: a parameter that got no gradient on one worker has none there): which workers lack it,
+# as a bool tensor of the group's size. Their rows are placeholders, not loaded.
+WORKER_ABSENT = "worker_absent_"

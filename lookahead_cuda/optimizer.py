@@ -198,6 +198,7 @@ class Lookahead(Optimizer):
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **settings})
         self._adopting = False
         if process_group is not None:
+            self._workers.agree(diloco.describe(self.param_groups, self._workers.options()), None)
             params = (p for group in self.param_groups for p in group["params"])
             diloco.broadcast_from_first_worker(params, process_group)
 

@@ -120,7 +120,35 @@ class Planner:
         """(index, group, plan) of every group with tensors, its settings checked (with
         ``check_settings(group, where)``, when they changed); the plan of each group that
         ``may_sync`` after this step validated (outside compiled steps), so that a sync either
-        runs or changes nothing, the inner step included."""
+        runs or changes nothing, the inner step included. With DiLoCo's workers, all of them
+        agree (:meth:`diloco.Workers.agree`) before a step that may sync."""
+        if self._workers.group is None:
+            return self._planned(groups, may_sync, check_settings)
+        # DiLoCo: before a step that may sync, every worker agrees that all have the same settings
+        # and shapes and that none rejected its plans, or all raise: a worker alone in a
+        # collective would wait for the others until the timeout.
+        failure: BaseException | None = None
+        try:
+            planned = self._planned(groups, may_sync, check_settings)
+        except (TypeError, ValueError) as error:
+            failure, planned = error, []
+        counted = [bool(g["params"]) and self._counters.exists(g) for g in groups]
+        if any(may_sync(g) for g, known in zip(groups, counted) if known):
+            counts = [
+                int(self._counters.of(g)) if known else None for g, known in zip(groups, counted)
+            ]
+            description = diloco.describe(groups, self._workers.options(), counts)
+            self._workers.agree(description, failure)
+        if failure is not None:
+            raise failure
+        return planned
+
+    def _planned(
+        self,
+        groups: Sequence[dict[str, Any]],
+        may_sync: Callable[[Mapping[str, Any]], bool],
+        check_settings: Callable[[Mapping[str, Any], str], None],
+    ) -> list[tuple[int, dict[str, Any], GroupPlan]]:
         planned = []
         for index, group in enumerate(groups):
             values = tuple(group[key] for key in SETTINGS)

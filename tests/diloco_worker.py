@@ -123,6 +123,80 @@ def grad_scaler_scenario(rank: int, world: int) -> dict:
     return {**state(model, opt), "counts": counts, "scale": scaler.get_scale()}
 
 
+DISAGREEMENTS = ("alpha", "k", "restore", "extra-parameter", "transposed", "rejected-sync")
+
+
+def disagreement_scenario(case: str, rank: int, world: int) -> dict:
+    """Workers alike but for one thing on the last one (``case``); each returns the error it
+    raised, if any, and the step it raised at (0: the constructor)."""
+    odd = rank == world - 1
+    torch.manual_seed(3)
+    shapes = [(8, 2) if odd and case == "transposed" else (2, 8), (5,)]
+    params = [nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape in shapes]
+    if odd and case == "extra-parameter":
+        params.append(nn.Parameter(torch.randn(3, dtype=torch.float64)))
+    settings = dict(SETTINGS)
+    if odd:
+        settings.update({"alpha": {"alpha": 0.5}, "k": {"k": K + 1}}.get(case, {}))
+        if case == "restore":
+            settings["nonfinite"] = "restore"
+    step = 0
+    try:
+        opt = Lookahead(torch.optim.SGD(params, lr=LR), process_group=dist.group.WORLD, **settings)
+        for step in range(1, STEPS + 1):
+            if odd and case == "rejected-sync" and step == K:
+                params[0].data = torch.randn(
+                    3, 3, dtype=torch.float64
+                )  # its slow copy no longer fits
+            for p in params:
+                p.grad = torch.sin(3 * p.detach())
+            opt.step()
+    except ValueError as error:
+        return {"error": str(error), "step": step}
+    return {"error": None, "step": step}
+
+
+def uneven_state_scenario(rank: int, world: int, out: Path) -> dict:
+    """AdamW whose last parameter gets no gradient on the last worker, so the workers' inner
+    states differ (that worker has none for it); a checkpoint mid-cycle, then the same steps
+    straight and from the checkpoint in fresh objects."""
+    data = global_batches(13, world)
+
+    def run(model: nn.Module, opt: Lookahead, batches: list) -> None:
+        for x, y in batches:
+            rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+            if rank == world - 1:
+                list(model.parameters())[-1].grad = None
+            opt.step()
+
+    def build_adamw() -> tuple[nn.Module, Lookahead]:
+        model = make_model()
+        inner = torch.optim.AdamW(model.parameters(), lr=LR)
+        return model, Lookahead(inner, process_group=dist.group.WORLD, **SETTINGS)
+
+    model, opt = build_adamw()
+    run(model, opt, data[:7])
+    saved = opt.state_dict()  # a collective: the workers must gather the same entries
+    if rank == 0:
+        torch.save(saved, out / "uneven.pt")
+    dist.barrier()
+    run(model, opt, data[7:])
+    straight = state(model, opt)
+    inner_entries = len(opt.optimizer.state)
+
+    model, opt = build_adamw()
+    opt.load_state_dict(torch.load(out / "uneven.pt", weights_only=True))
+    loaded_entries = len(opt.optimizer.state)
+    run(model, opt, data[7:])
+    return {
+        "straight": straight,
+        "resumed": state(model, opt),
+        "inner_entries": (inner_entries, loaded_entries),
+    }
+
+
 def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
     if scenario == "train":
         return train_scenario(rank, world)
@@ -136,6 +210,10 @@ def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
         return guard_scenario(rank, world)
     if scenario == "grad-scaler":
         return grad_scaler_scenario(rank, world)
+    if scenario.startswith("disagree-"):
+        return disagreement_scenario(scenario.removeprefix("disagree-"), rank, world)
+    if scenario == "uneven-state":
+        return uneven_state_scenario(rank, world, out)
     raise ValueError(f"unknown scenario {scenario}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -153,7 +154,9 @@ def run_worker(result_of: Callable[[str, Path, int, int], dict]) -> None:
     write it to OUT_DIR/SCENARIO-RANK.pt, and leave through os._exit (see the module docstring)."""
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo")
+    # A test of what must not hang sets a short collective timeout, to fail rather than wait.
+    timeout = timedelta(seconds=float(os.environ.get("COLLECTIVE_TIMEOUT_S", 1800)))
+    dist.init_process_group("gloo", timeout=timeout)
     try:
         result = result_of(scenario, out, rank, world)
         torch.save(result, out / f"{scenario}-{rank}.pt")

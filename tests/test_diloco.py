@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from diloco_worker import LR, SETTINGS, SKIPPED_STEP, STEPS, K
+from diloco_worker import DISAGREEMENTS, LR, SETTINGS, SKIPPED_STEP, STEPS, K
 from distributed_worker import global_batches, make_model
 from test_distributed import run_workers
 from torch import nn
@@ -22,11 +22,18 @@ pytestmark = pytest.mark.skipif(
 WORKER = Path(__file__).with_name("diloco_worker.py")
 
 
-def simulate(world: int, steps: int = STEPS, skipped: tuple[int, int] | None = None) -> dict:
+def simulate(
+    world: int,
+    steps: int = STEPS,
+    skipped: tuple[int, int] | None = None,
+    pseudo_gradient_dtype: torch.dtype | None = None,
+) -> dict:
     """All the replicas in one process, independently of the optimizer's code: each trains on its
     rows of every batch; every K steps the fast weights are averaged and the outer Nesterov step
     taken from the common slow weights, which every replica restarts from. ``skipped``: (rank,
-    step) of an inner step that replica does not take."""
+    step) of an inner step that replica does not take. ``pseudo_gradient_dtype``: each replica's
+    pseudo-gradient is rounded to it, and summed and halved in it (exact for two workers, whose
+    sum has one order)."""
     alpha, mu = SETTINGS["alpha"], SETTINGS["momentum"]
     models = [make_model() for _ in range(world)]
     inners = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in models]
@@ -47,8 +54,12 @@ def simulate(world: int, steps: int = STEPS, skipped: tuple[int, int] | None = N
             continue
         with torch.no_grad():
             for i, s in enumerate(slow):
-                mean = sum(list(m.parameters())[i] for m in models) / world
-                d = s - mean
+                replicas = [list(m.parameters())[i] for m in models]
+                if pseudo_gradient_dtype is None:
+                    d = s - sum(replicas) / world
+                else:
+                    sent = [(s - r).to(pseudo_gradient_dtype) for r in replicas]
+                    d = s - (s - (sum(sent) / world).to(s.dtype))
                 buffers[i] = mu * buffers[i] + d
                 slow[i] = s - alpha * (d + mu * buffers[i])
                 for m in models:
@@ -107,9 +118,13 @@ def test_a_step_grad_scaler_skips_on_one_worker_counts_on_every_worker(tmp_path)
 def test_bf16_pseudo_gradients(tmp_path):
     results = run_workers("bf16", tmp_path, 2, WORKER)
     assert_ranks_agree(results)
-    want = simulate(2)
-    for a, b in zip(results[0]["slow"], want["slow"]):
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)  # bf16: 8 bits of mantissa
+    want = simulate(2, pseudo_gradient_dtype=torch.bfloat16)
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    for a, b in zip(results[0]["slow"] + results[0]["fast"], want["slow"] + want["fast"][0]):
+        torch.testing.assert_close(a, b, **close)
+    # What bf16 changes is far more than the tolerance: averaging in float64 would fail above.
+    unrounded = simulate(2)
+    assert any(not torch.allclose(a, b, **close) for a, b in zip(want["slow"], unrounded["slow"]))
 
 
 def test_slow_weights_in_host_memory(tmp_path):
@@ -138,6 +153,39 @@ def test_a_blow_up_on_one_worker_makes_every_worker_restore(tmp_path):
         for key in ("slow", "momentum"):
             for a, b in zip(result["after"][key], result["before"][key]):
                 assert torch.equal(a, b)
+
+
+# What each disagreement must be reported as, on every worker alike.
+EXPLAINED = {
+    "alpha": "disagree on alpha of param group 0: worker 0 has 0.7, worker 1 has 0.5",
+    "k": "disagree on k of param group 0: worker 0 has 3, worker 1 has 4",
+    "restore": "disagree on nonfinite of param group 0: worker 0 has 'propagate', worker 1 has",
+    "extra-parameter": "disagree on the number of parameters of param group 0",
+    "transposed": "parameter 0 of param group 0: worker 0 has shape (2, 8)",
+    "rejected-sync": "a sync was rejected, so no worker syncs: worker 1: ValueError",
+}
+
+
+@pytest.mark.parametrize("case", DISAGREEMENTS)
+def test_workers_that_disagree_all_raise_the_same_error_and_none_hangs(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLLECTIVE_TIMEOUT_S", "20")  # a worker left waiting fails the test
+    results = run_workers(f"disagree-{case}", tmp_path, 2, WORKER)
+    errors = [result["error"] for result in results]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert EXPLAINED[case] in errors[0]
+    # Found at construction, before the first collective of the broadcast; a rejected sync at
+    # the step whose sync it would be.
+    assert [result["step"] for result in results] == [K if case == "rejected-sync" else 0] * 2
+
+
+def test_workers_whose_inner_states_differ_save_and_resume_their_own(tmp_path):
+    results = run_workers("uneven-state", tmp_path, 2, WORKER)
+    # The last worker never stepped the last parameter, so AdamW holds no state for it there.
+    assert results[0]["inner_entries"] == (4, 4) and results[1]["inner_entries"] == (3, 3)
+    for result in results:
+        for key in ("fast", "slow", "momentum"):
+            for a, b in zip(result["resumed"][key], result["straight"][key]):
+                assert torch.equal(a, b), key
 
 
 def test_refuses_what_cannot_work_yet():

@@ -239,14 +239,44 @@ def test_matches_a_per_parameter_reference(name, nesterov, inner_state):
 
 
 def test_momentum_zero_is_lookahead_bitwise():
-    plain_model, zero_model = make_model(), make_model()
-    plain = Lookahead(torch.optim.AdamW(plain_model.parameters()), k=3, alpha=0.6)
+    # Against the paper's Lookahead in plain torch (slow.lerp_(fast), fast.copy_(slow)), not
+    # against this optimizer's own default.
+    reference_model, zero_model = make_model(), make_model()
+    reference = ReferenceLookahead(torch.optim.AdamW(reference_model.parameters()), k=3, alpha=0.6)
     zero = Lookahead(torch.optim.AdamW(zero_model.parameters()), k=3, alpha=0.6, momentum=0.0)
     data = batches(10)
-    train(plain_model, plain, data)
+    train(reference_model, reference.inner, data, step=reference.step)
     train(zero_model, zero, data)
-    assert_same_weights(zero_model, plain_model)
+    assert_same_weights(zero_model, reference_model)
+    for p, slow in zip(zero_model.parameters(), reference.slow):
+        assert torch.equal(zero.lookahead_state[p]["slow_param"], slow)
     assert all("outer_momentum" not in entry for entry in zero.lookahead_state.values())
+
+
+def test_a_momentum_schedule_through_zero_keeps_the_buffer_until_momentum_returns():
+    # Momentum 0 is Lookahead's sync, which leaves the outer momentum buffer as it is (torch's SGD
+    # keeps its momentum_buffer at momentum 0 likewise); at momentum > 0 again the buffer takes
+    # up where it stopped: b <- mu * b + d.
+    params = [torch.nn.Parameter(torch.randn(6, dtype=torch.float64))]
+    opt = Lookahead(torch.optim.SGD(params, lr=0.1), k=1, alpha=0.5, momentum=0.9)
+    steps_on_sin_gradients(opt, 2)
+    state = opt.lookahead_state[params[0]]
+    frozen = state["outer_momentum"].clone()
+    opt.momentum = 0.0
+    slow = state["slow_param"].clone()
+    steps_on_sin_gradients(opt, 1)
+    assert torch.equal(state["outer_momentum"], frozen)
+    fast = slow - 0.1 * torch.sin(3 * slow)  # the inner SGD step from the synced weights
+    assert torch.equal(state["slow_param"], torch.lerp(slow, fast, 0.5))
+    opt.momentum = 0.9
+    slow = state["slow_param"].clone()
+    steps_on_sin_gradients(opt, 1)
+    d = slow - (slow - 0.1 * torch.sin(3 * slow))
+    buffer = 0.9 * frozen + d
+    torch.testing.assert_close(state["outer_momentum"], buffer, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        state["slow_param"], slow - 0.5 * (d + 0.9 * buffer), rtol=1e-14, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize(("fast_dtype", "slow_dtype"), [(torch.bfloat16, torch.float32)])
