@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lookahead_cuda
 from lookahead_cuda import _C
-from lookahead_cuda.ops import foreach_update_
+from lookahead_cuda.bench.impls import foreach_update_
 
 op = torch.ops.lookahead_cuda.lookahead_update_
 

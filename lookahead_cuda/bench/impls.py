@@ -1,21 +1,20 @@
-"""The implementations of the Lookahead sync that the benchmark times, by name, and the reference
-every one of them must reproduce. Adding one is adding an entry to ``IMPLEMENTATIONS``.
+"""The implementations of the Lookahead sync that the benchmark times, by name (the fused op,
+torch's foreach ops, the per-parameter loop), and the reference every one of them must reproduce.
+Adding one is adding an entry to ``IMPLEMENTATIONS``.
 
 With ``momentum > 0`` the sync is SNOO's outer step (Nesterov momentum on the pseudo-gradient),
 over three lists (slow, fast, momentum buffers); otherwise Lookahead's lerp over two."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from lookahead_cuda import lookahead_update_
 from lookahead_cuda.bench.workload import TensorLists
-from lookahead_cuda.ops import (
-    foreach_momentum_update_,
-    foreach_update_,
-    lookahead_momentum_update_,
-)
+from lookahead_cuda.ops import lookahead_momentum_update_
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,41 @@ def _fused_update_(lists: TensorLists, sync: Sync) -> None:
         lookahead_update_(*lists, sync.alpha)
     else:
         lookahead_momentum_update_(*lists, sync.alpha, sync.momentum)
+
+
+def foreach_update_(
+    slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float
+) -> None:
+    """:func:`~lookahead_cuda.lookahead_update_` with torch's foreach ops, ``_foreach_lerp_`` then
+    ``_foreach_copy_`` (five passes over memory and, for mixed dtypes, a cast of every fast
+    tensor): the ``foreach`` baseline."""
+    fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
+    torch._foreach_lerp_(list(slow), fast_as_slow, alpha)
+    torch._foreach_copy_(list(fast), list(slow))
+
+
+def foreach_momentum_update_(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    momentum: Sequence[torch.Tensor],
+    lr: float,
+    mu: float,
+    nesterov: bool = True,
+) -> None:
+    """:func:`~lookahead_cuda.ops.lookahead_momentum_update_` with torch's foreach ops, in the slow
+    dtype (rounded per operation, so not bitwise the fused op): the ``foreach`` baseline of the
+    outer-momentum sync."""
+    slow, momentum = list(slow), list(momentum)
+    fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
+    pseudo_gradient = torch._foreach_sub(slow, fast_as_slow)
+    torch._foreach_mul_(momentum, mu)
+    torch._foreach_add_(momentum, pseudo_gradient)
+    if nesterov:
+        torch._foreach_add_(pseudo_gradient, momentum, alpha=mu)
+        torch._foreach_add_(slow, pseudo_gradient, alpha=-lr)
+    else:
+        torch._foreach_add_(slow, momentum, alpha=-lr)
+    torch._foreach_copy_(list(fast), slow)
 
 
 def _foreach_update_(lists: TensorLists, sync: Sync) -> None:
