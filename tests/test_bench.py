@@ -4,6 +4,7 @@ torch, and tiny runs of both benchmarks with their tables and JSON."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -41,6 +42,32 @@ def test_argument_errors(argv, message, capsys):
         parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _help_entries(capsys) -> dict[str, str]:
+    """``--help``'s text for each option but -h, by option, its wrapped lines joined."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = re.split(r"\n(?:options|optional arguments):\n", capsys.readouterr().out)[1]
+    entries = re.split(r"\n  (?=-)", text)[1:]
+    return {e.split()[0]: " ".join(e.split()) for e in entries if not e.startswith("-h")}
+
+
+def test_help_states_each_default_once(capsys):
+    entries = _help_entries(capsys)
+    assert {"--device", "--slow-dtype", "--momentum", "--json", "--e2e"} <= set(entries)
+    for option, text in entries.items():
+        assert text.count("(default:") == 1, f"{option}: {text}"
+        assert "(default: None)" not in text and "(default: False)" not in text, text
+    assert "(default: float32)" in entries["--fast-dtype"]
+    assert "(default: cuda if available, else cpu)" in entries["--device"]
+
+
+def test_help_says_what_momentum_0_means_for_each_benchmark(capsys):
+    text = _help_entries(capsys)["--momentum"]
+    assert "0: Lookahead's lerp" in text
+    assert "With --e2e, the momentum of the SNOO rows, where 0 stands for 0.9" in text
+    assert text.endswith("(default: 0)")
 
 
 def test_gpu_only_preset_needs_a_gpu(capsys):

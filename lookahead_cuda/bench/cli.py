@@ -29,33 +29,38 @@ from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lookahead-bench",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    # Every help text states its default itself, once: argparse's ArgumentDefaultsHelpFormatter
+    # appended a second "(default: None)" to the options whose default is worked out later.
+    parser = argparse.ArgumentParser(prog="lookahead-bench", description=__doc__)
     parser.add_argument(
         "--preset",
         nargs="+",
         choices=sorted(PRESETS),
-        default=None,
-        help="workloads (default: all that fit the device; gpt2 with --e2e)",
+        help="workloads (default: every preset that fits the device; gpt2 with --e2e)",
     )
-    parser.add_argument("--tensors", type=int, help="custom workload: number of tensors")
-    parser.add_argument("--numel", type=int, help="custom workload: elements per tensor")
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
+        "--tensors",
+        type=int,
+        help="a custom workload of this many tensors, each of --numel elements, timed after the "
+        "presets given with --preset (default: no custom workload)",
+    )
+    parser.add_argument(
+        "--numel",
+        type=int,
+        help="elements per tensor of the custom workload (default: no custom workload)",
+    )
+    parser.add_argument(
+        "--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
     )
     parser.add_argument(
         "--fast-dtype",
         choices=list(DTYPES),
         default="float32",
-        help="parameter (fast weights) dtype",
+        help="parameter (fast weights) dtype (default: %(default)s)",
     )
     parser.add_argument(
         "--slow-dtype",
         choices=list(DTYPES),
-        default=None,
         help="slow weights dtype (default: the fast dtype)",
     )
     parser.add_argument(
@@ -63,51 +68,63 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list(IMPLEMENTATIONS),
         default=list(IMPLEMENTATIONS),
-        help="implementations to time (the floor is always timed with them)",
+        help="implementations to time; the floor is always timed with them (default: all)",
     )
     parser.add_argument(
         "--alpha",
         type=float,
         default=0.5,
-        help="slow-weights step size (with --momentum, the outer learning rate)",
+        help="slow-weights step size; with --momentum above 0, the outer learning rate "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--momentum",
         type=float,
         default=0.0,
-        help="outer momentum: above 0 the sync is SNOO's Nesterov step on the pseudo-gradient, "
-        "over a third list of buffers (6 passes over memory, not 4); with --e2e, the momentum of "
-        "the SNOO rows (0: 0.9)",
+        help="outer momentum of the timed sync. 0: Lookahead's lerp (two lists, 4 passes over "
+        "memory); above 0: SNOO's Nesterov step on the pseudo-gradient, over a third list of "
+        "buffers (6 passes). With --e2e, the momentum of the SNOO rows, where 0 stands for "
+        f"{e2e.DEFAULT_MOMENTUM} (DiLoCo's and SNOO's) (default: 0)",
     )
     parser.add_argument(
         "--reps",
         type=int,
         default=10,
         help="timed rounds (one call of each implementation and the floor per round); the table "
-        "gives their median and their interquartile range over the median",
+        "gives their median and their interquartile range over the median (default: %(default)s)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed rounds before timing (default: %(default)s)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="CPU threads (torch.set_num_threads; default: torch's choice)",
+        help="CPU threads, through torch.set_num_threads (default: torch's choice)",
     )
     parser.add_argument(
         "--misaligned",
         action="store_true",
         help="make every slow and fast tensor a view starting one element into a larger buffer, "
         "so that its data pointer is not 16-byte aligned (times the kernels' handling of "
-        "misaligned starts; the floor's buffers stay aligned)",
+        "misaligned starts; the floor's buffers stay aligned) (default: off, aligned tensors)",
     )
     parser.add_argument(
         "--e2e",
         action="store_true",
-        help="time an AdamW step with and without Lookahead, amortized over k",
+        help="time an AdamW step with and without Lookahead, amortized over k, instead of the "
+        "sync (default: off, the sync)",
     )
-    parser.add_argument("--k", type=int, default=5, help="Lookahead's k for --e2e")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of the results (matplotlib)")
+    parser.add_argument(
+        "--k", type=int, default=5, help="Lookahead's k for --e2e (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--json", metavar="FILE", help="write the results as JSON to FILE (default: no JSON)"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="bar chart of the results, with matplotlib (default: no plot)",
+    )
     return parser
 
 
