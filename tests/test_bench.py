@@ -3,19 +3,21 @@ traffic and placement, the floor timed with each workload, the spread statistic,
 torch, and tiny runs of both benchmarks with their tables and JSON."""
 
 import dataclasses
+import itertools
 import json
 import re
+import time
 
 import pytest
 import torch
 
-from lookahead_cuda.bench import sync
+from lookahead_cuda.bench import sync, timing
 from lookahead_cuda.bench.cli import main, parse_args
 from lookahead_cuda.bench.config import BenchConfig
 from lookahead_cuda.bench.floor import CACHE_LINE, FloorCopy, floor_buffers, floor_copy
 from lookahead_cuda.bench.impls import IMPLEMENTATIONS, Implementation, Sync
 from lookahead_cuda.bench.presets import PRESETS, custom_preset
-from lookahead_cuda.bench.timing import Timing, iqr_over_median
+from lookahead_cuda.bench.timing import Rounds, Timing, iqr_over_median, measure_interleaved
 from lookahead_cuda.bench.workload import Workload
 
 CPU = torch.device("cpu")
@@ -35,6 +37,8 @@ CPU = torch.device("cpu")
         (["--threads", "0"], "--threads must be at least 1"),
         (["--e2e", "--misaligned"], "--misaligned places the sync benchmark's tensors"),
         (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
+        (["--reps", "5", "--max-reps", "4"], "--max-reps must be at least --reps (5)"),
+        (["--max-spread", "0"], "--max-spread must be above 0"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -113,6 +117,32 @@ def test_iqr_over_median_ignores_an_outlier():
     assert iqr_over_median([5.0]) == 0.0
     assert Timing((1.0, 2.0, 3.0, 4.0, 100.0)).spread == pytest.approx(2 / 3)
     assert Timing((1.0, 2.0, 3.0, 4.0, 100.0)).median == 3.0
+    assert Timing((1.0, 2.0, 3.0, 4.0, 100.0)).quartiles == (2.0, 4.0)
+    assert Timing((1.0, 2.0, 3.0, 4.0, 100.0)).best == 1.0
+
+
+def _scripted(monkeypatch, **series):
+    """measure_interleaved's functions by name, each timed as the next value of its series."""
+    monkeypatch.setattr(timing, "_time_call", lambda fn, device: fn())
+    return {name: iter(values).__next__ for name, values in series.items()}
+
+
+def test_rounds_go_on_while_a_spread_is_too_large_and_stop_at_the_cap(monkeypatch):
+    fns = _scripted(monkeypatch, quiet=itertools.repeat(1.0), noisy=itertools.cycle([1.0, 3.0]))
+    timings = measure_interleaved(fns, CPU, Rounds(reps=4, max_reps=12, max_spread=0.2), warmup=0)
+    assert [len(t.samples) for t in timings.values()] == [12, 12]
+    assert timings["noisy"].spread > 0.2 and timings["quiet"].spread == 0.0
+
+
+def test_rounds_stop_once_a_burst_is_outvoted(monkeypatch):
+    # Two slow rounds in the first four; from the ninth round on, the third quartile is 1.0.
+    burst = itertools.chain([1.0, 3.0, 1.0, 3.0], itertools.repeat(1.0))
+    fns = _scripted(monkeypatch, quiet=itertools.repeat(1.0), burst=burst)
+    timings = measure_interleaved(fns, CPU, Rounds(reps=4, max_reps=50, max_spread=0.2), warmup=0)
+    assert len(timings["burst"].samples) == 9 and timings["burst"].spread == 0.0
+    fns = _scripted(monkeypatch, quiet=itertools.repeat(1.0))
+    quiet = measure_interleaved(fns, CPU, Rounds(reps=4, max_reps=50, max_spread=0.2), warmup=0)
+    assert len(quiet["quiet"].samples) == 4
 
 
 def test_workload_traffic_counts_every_list_read_and_written():
@@ -202,7 +232,7 @@ def test_floor_rotates_through_as_many_copies_as_the_tensors(monkeypatch):
 
     monkeypatch.setattr(sync, "floor_copy", lambda device: FloorCopy("spy", 4, recording_swap))
     workload = Workload(custom_preset(3, 1000), (torch.float32,) * 2, CPU)
-    config = _config(reps=9, warmup=1)
+    config = _config(reps=9, max_reps=9, warmup=1)
     results = sync.bench_workload(workload, config, 5 * workload.set_bytes, lambda _: None)
     assert [r.copies for r in results] == [5] * 4
     assert len(used) == 10 and len(set(used[:5])) == 5 and used[5:] == used[:5]
@@ -241,12 +271,16 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys, dtypes):
         "slow_dtype",
         "numel",
         "tensors",
+        "rounds",
         "median_ms",
+        "q1_ms",
+        "q3_ms",
         "spread",
         "gbps",
         "ratio_to_floor",
         "copies",
         "misaligned",
+        "flags",
     }
     for r in report["results"]:
         assert keys <= set(r)
@@ -337,16 +371,59 @@ def test_every_momentum_implementation_is_checked_against_the_papers_update(impl
         sync.check_against_torch(workload, ["lerp-only"], Sync(0.7, 0.9))
 
 
-def test_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "bars.png"
-    argv = ["--device", "cpu", "--tensors", "2", "--numel", "100", "--reps", "1"]
-    assert main([*argv, "--plot", str(png)]) == 0
+def _sleepy(monkeypatch):
+    """An implementation named "sleepy": the fused op, then a sleep of 0 or 30 ms in turn, so that
+    its rounds spread far beyond any --max-spread whatever else runs on the machine."""
+    naps = itertools.cycle([0.0, 0.03])
+
+    def sleepy(lists, settings):
+        IMPLEMENTATIONS["fused"].update(lists, settings)
+        time.sleep(next(naps))
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "sleepy", Implementation(sleepy, bitwise=True))
+
+
+def test_a_noisy_row_is_timed_up_to_the_cap_and_flagged(tmp_path, capsys, monkeypatch):
+    _sleepy(monkeypatch)
+    out = tmp_path / "results.json"
+    argv = ["--device", "cpu", "--tensors", "2", "--numel", "1000", "--impl", "fused", "sleepy"]
+    assert main([*argv, "--reps", "4", "--max-reps", "7", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("custom         sleepy"))
+    assert row.endswith("  noisy") and "      7" in row
+    assert "noisy: IQR/med still above 20% after up to 7 rounds" in printed
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["sleepy"]["flags"] == ["noisy"] and rows["sleepy"]["spread"] > 0.2
+    assert {r["rounds"] for r in rows.values()} == {7}  # the workload's rows share their rounds
+
+
+def test_plot_draws_each_rows_quartiles(tmp_path, monkeypatch):
+    axes = pytest.importorskip("matplotlib.axes")
+    _sleepy(monkeypatch)
+    drawn = []
+    bar = axes.Axes.bar
+
+    def spy(self, x, height, *args, **kwargs):
+        drawn.append((list(height), kwargs["yerr"]))
+        return bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(axes.Axes, "bar", spy)
+    png, out = tmp_path / "bars.png", tmp_path / "results.json"
+    argv = ["--device", "cpu", "--tensors", "2", "--numel", "100", "--reps", "4"]
+    assert main([*argv, "--impl", "sleepy", "--plot", str(png), "--json", str(out)]) == 0
     assert png.stat().st_size > 0
+    results = json.loads(out.read_text())["results"]
+    assert len(drawn) == len(results) == 2  # sleepy and the floor, one workload
+    for (heights, (below, above)), r in zip(drawn, results):
+        to_ratio = r["ratio_to_floor"] / r["median_ms"]
+        assert heights == [r["ratio_to_floor"]]
+        assert below[0] == pytest.approx((r["median_ms"] - r["q1_ms"]) * to_ratio)
+        assert above[0] == pytest.approx((r["q3_ms"] - r["median_ms"]) * to_ratio)
+    assert drawn[0][1][1][0] > 0  # the sleepy row's spread is drawn, not zero
 
 
 def test_rotation_copies_are_capped():
     workload = Workload(custom_preset(1, 1), (torch.float32,) * 2, CPU)
-    config = _config(reps=1, warmup=0)
+    config = _config(reps=1, max_reps=1, warmup=0)
     results = sync.bench_workload(workload, config, 1 << 40, lambda _: None)
     assert {r.copies for r in results} == {sync.MAX_COPIES}

@@ -94,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
         "gives their median and their interquartile range over the median (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-spread",
+        type=float,
+        default=20.0,
+        metavar="PERCENT",
+        help="while any row of a workload has an interquartile range over its median above this, "
+        "time that workload's rounds again, one at a time up to --max-reps; a row still above "
+        "it is flagged noisy (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-reps",
+        type=int,
+        help="the most rounds a workload gets while it is too noisy (default: 3 x --reps)",
+    )
+    parser.add_argument(
         "--warmup", type=int, default=2, help="untimed rounds before timing (default: %(default)s)"
     )
     parser.add_argument(
@@ -138,6 +152,11 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         parser.error("--tensors and --numel must be at least 1")
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be at least 1 and --warmup at least 0")
+    max_reps = 3 * args.reps if args.max_reps is None else args.max_reps
+    if max_reps < args.reps:
+        parser.error(f"--max-reps must be at least --reps ({args.reps}), got {max_reps}")
+    if args.max_spread <= 0:
+        parser.error(f"--max-spread must be above 0, got {args.max_spread}")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.k < 1:
@@ -194,6 +213,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         impls=tuple(args.impl),
         alpha=args.alpha,
         reps=args.reps,
+        max_reps=max_reps,
+        max_spread=args.max_spread / 100,
         warmup=args.warmup,
         threads=args.threads,
         e2e=args.e2e,
@@ -222,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "alpha": config.alpha,
         "momentum": config.momentum,
         "reps": config.reps,
+        "max_reps": config.max_reps,
+        "max_spread": config.max_spread,
         "misaligned": config.misaligned,
         "results": [],
     }
@@ -232,14 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad():
         if config.e2e:
             steps = e2e.run(config, progress)
-            print(format_steps(steps))
+            print(format_steps(steps, config.max_spread, config.max_reps))
             report["e2e"] = [asdict(r) for r in steps]
         else:
             run = sync.run(config, progress)
             print(describe_floor(run))
             if config.misaligned:
                 print("tensors start one element into their buffers (not 16-byte aligned)")
-            print(format_table(run.results))
+            print(format_table(run.results, config.max_spread, config.max_reps))
             report["floor"] = {"copy": run.floor_copy, "rotation_bytes": run.rotation_bytes}
             report["results"] = [asdict(r) for r in run.results]
             if config.plot_path:

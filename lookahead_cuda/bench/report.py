@@ -6,6 +6,7 @@ import torch
 
 from lookahead_cuda.bench.e2e import StepResult
 from lookahead_cuda.bench.sync import FLOOR, Result, SyncRun
+from lookahead_cuda.bench.timing import NOISY
 
 
 def describe_device(device: torch.device) -> str:
@@ -21,13 +22,24 @@ def describe_floor(run: SyncRun) -> str:
     )
 
 
-def format_table(results: list[Result]) -> str:
+def legend(flags: set[str], max_spread: float, max_reps: int) -> list[str]:
+    """What each flag in a table's ``flags`` column means, for the flags it shows."""
+    meaning = {
+        NOISY: f"{NOISY}: IQR/med still above {100 * max_spread:g}% after up to {max_reps} rounds "
+        "(other work on the machine slowed some of them): its times and ratios are not to be "
+        "trusted; rerun on a quieter machine or with more --reps",
+    }
+    return [meaning[flag] for flag in sorted(flags)]
+
+
+def format_table(results: list[Result], max_spread: float, max_reps: int) -> str:
     """One row per implementation and workload. ``IQR/med`` is the interquartile range of the
-    repetitions over their median; ``x floor`` is the median over the workload's own floor."""
+    rounds over their median; ``x floor`` is the median over the workload's own floor; ``flags``
+    say why a row is not to be trusted, explained under the table."""
     header = (
-        f"{'preset':<15}{'impl':<9}{'slow/fast':<19}{'tensors':>8}{'elements':>10}"
+        f"{'preset':<15}{'impl':<9}{'slow/fast':<19}{'tensors':>8}{'elements':>10}{'rounds':>7}"
         f"{'median ms':>11}{'IQR/med':>9}{'GB/s':>8}{'x floor':>9}{'vs foreach':>11}"
-        f"{'vs loop':>9}"
+        f"{'vs loop':>9}  flags"
     )
     lines = [header, "-" * len(header)]
     by_key = {(r.preset, r.impl): r for r in results}
@@ -41,51 +53,81 @@ def format_table(results: list[Result]) -> str:
 
         lines.append(
             f"{r.preset:<15}{r.impl:<9}{r.slow_dtype + '/' + r.fast_dtype:<19}{r.tensors:>8}"
-            f"{r.numel / 1e6:>9.1f}M{r.median_ms:>11.3f}{100 * r.spread:>8.1f}%{r.gbps:>8.1f}"
-            f"{r.ratio_to_floor:>9.2f}{speedup('foreach'):>11}{speedup('loop'):>9}"
+            f"{r.numel / 1e6:>9.1f}M{r.rounds:>7}{r.median_ms:>11.3f}{100 * r.spread:>8.1f}%"
+            f"{r.gbps:>8.1f}{r.ratio_to_floor:>9.2f}{speedup('foreach'):>11}{speedup('loop'):>9}"
+            f"  {', '.join(r.flags)}".rstrip()
         )
+    lines += legend({flag for r in results for flag in r.flags}, max_spread, max_reps)
     return "\n".join(lines)
 
 
-def format_steps(results: list[StepResult]) -> str:
+def format_steps(results: list[StepResult], max_spread: float, max_reps: int) -> str:
+    """One row per inner optimizer; ``IQR/med`` is the largest of its three step times'."""
     header = (
-        f"{'preset':<15}{'inner optimizer':<26}{'k':>3}{'step ms':>10}"
-        f"{'+Lookahead ms':>15}{'overhead':>16}{'+SNOO ms':>10}{'overhead':>16}"
+        f"{'preset':<15}{'inner optimizer':<26}{'k':>3}{'rounds':>7}{'step ms':>10}"
+        f"{'+Lookahead ms':>15}{'overhead':>16}{'+SNOO ms':>10}{'overhead':>16}{'IQR/med':>9}"
+        "  flags"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         lookahead = f"{r.overhead_ms:.2f} ({r.overhead_pct:.1f}%)"
         snoo = f"{r.snoo_overhead_ms:.2f} ({r.snoo_overhead_pct:.1f}%)"
         lines.append(
-            f"{r.preset:<15}{r.optimizer:<26}{r.k:>3}{r.step_ms:>10.2f}{r.lookahead_step_ms:>15.2f}"
-            f"{lookahead:>16}{r.snoo_step_ms:>10.2f}{snoo:>16}"
+            f"{r.preset:<15}{r.optimizer:<26}{r.k:>3}{r.rounds:>7}{r.step_ms:>10.2f}"
+            f"{r.lookahead_step_ms:>15.2f}{lookahead:>16}{r.snoo_step_ms:>10.2f}{snoo:>16}"
+            f"{100 * r.spread:>8.1f}%  {', '.join(r.flags)}".rstrip()
         )
     if results:
         lines.append(f"SNOO: outer momentum {results[0].momentum}, outer learning rate 0.7")
+    lines += legend({flag for r in results for flag in r.flags}, max_spread, max_reps)
     return "\n".join(lines)
 
 
+def error_bar(r: Result) -> tuple[float, float]:
+    """How far the row's first and third quartiles lie below and above its median, in its
+    ``x floor`` units: the spread the plot draws around each bar."""
+    per_ms = r.ratio_to_floor / r.median_ms
+    return (r.median_ms - r.q1_ms) * per_ms, (r.q3_ms - r.median_ms) * per_ms
+
+
 def plot(results: list[Result], path: str, title: str) -> None:
+    """A bar per row, its median over the workload's floor, with an error bar over the quartiles
+    of its rounds; noisy rows hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     presets = list(dict.fromkeys(r.preset for r in results))
     impls = list(dict.fromkeys(r.impl for r in results))
     width = 0.8 / len(impls)
     figure, axes = plt.subplots(figsize=(max(6, 1.8 * len(presets)), 4))
+    # The legend's swatches are plain: a hatched one would say that impl is noisy everywhere.
+    swatches = []
     for i, impl in enumerate(impls):
-        xs, heights = [], []
-        for j, preset in enumerate(presets):
-            match = [r for r in results if r.preset == preset and r.impl == impl]
-            if match:
-                xs.append(j + (i - (len(impls) - 1) / 2) * width)
-                heights.append(match[0].ratio_to_floor)
-        axes.bar(xs, heights, width, label=impl)
+        rows = [
+            (j, r)
+            for j, p in enumerate(presets)
+            for r in results
+            if (r.preset, r.impl) == (p, impl)
+        ]
+        xs = [j + (i - (len(impls) - 1) / 2) * width for j, _ in rows]
+        bars = axes.bar(
+            xs,
+            [r.ratio_to_floor for _, r in rows],
+            width,
+            yerr=list(zip(*(error_bar(r) for _, r in rows))),
+            capsize=3,
+        )
+        swatches.append(Patch(facecolor=bars.patches[0].get_facecolor(), label=impl))
+        for bar, (_, r) in zip(bars, rows):
+            if NOISY in r.flags:
+                bar.set_hatch("//")
+    axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(presets)), presets)
-    axes.set_ylabel("time / the workload's memory floor (lower is better)")
+    axes.set_ylabel("median time / the workload's floor\n(error bars: quartiles; hatched: noisy)")
     axes.set_title(title)
-    axes.legend()
+    axes.legend(handles=swatches)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -13,7 +13,12 @@ import torch
 from lookahead_cuda.bench.config import BenchConfig, dtype_name
 from lookahead_cuda.bench.floor import floor_buffers, floor_copy
 from lookahead_cuda.bench.impls import IMPLEMENTATIONS, Sync, reference_update_
-from lookahead_cuda.bench.timing import Timing, last_level_cache_bytes, measure_interleaved
+from lookahead_cuda.bench.timing import (
+    NOISY,
+    Timing,
+    last_level_cache_bytes,
+    measure_interleaved,
+)
 from lookahead_cuda.bench.workload import Workload
 
 # A workload smaller than this many times the last-level cache is timed on several copies of its
@@ -38,14 +43,21 @@ class Result:
     slow_dtype: str
     numel: int
     tensors: int
+    #: Timed rounds: --reps, or more while a row of the workload was too noisy.
+    rounds: int
     median_ms: float
-    #: Interquartile range over the median, over the repetitions.
+    #: The first and third quartiles of the rounds (what the plot's error bars span).
+    q1_ms: float
+    q3_ms: float
+    #: Interquartile range over the median, over the rounds.
     spread: float
     gbps: float
     #: Median time over the median time of this workload's own floor.
     ratio_to_floor: float
     copies: int
     misaligned: bool
+    #: Why the row's figures are not to be trusted (NOISY), none when they are.
+    flags: list[str]
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,10 @@ def bench_workload(
     check_against_torch(workload, config.impls, sync)
 
     rotating = f", rotating {copies} copies" if copies > 1 else ""
-    progress(f"  {', '.join(config.impls)} and the floor, {config.reps} rounds{rotating}")
+    progress(
+        f"  {', '.join(config.impls)} and the floor, {config.reps} rounds "
+        f"(up to {config.max_reps} while noisy){rotating}"
+    )
     # Consecutive calls of the implementations, whichever makes them, take the next copy in turn,
     # so none runs on tensors the call before it has just left in cache; the floor cycles through
     # its own copies alike.
@@ -116,12 +131,13 @@ def bench_workload(
         for impl in config.impls
     }
     fns[FLOOR] = lambda: copy.run(*next(next_floor))
-    timings = measure_interleaved(fns, config.device, config.reps, config.warmup)
+    timings = measure_interleaved(fns, config.device, config.rounds, config.warmup)
     scale = workload.traffic_bytes / floor_traffic
     timings[FLOOR] = Timing(tuple(sample * scale for sample in timings[FLOOR].samples))
     floor = timings[FLOOR].median
 
     def result(impl: str, timing: Timing) -> Result:
+        q1, q3 = timing.quartiles
         return Result(
             preset=workload.preset.name,
             impl=impl,
@@ -129,12 +145,16 @@ def bench_workload(
             slow_dtype=dtype_name(config.slow_dtype),
             numel=workload.numel,
             tensors=len(workload.preset.shapes),
+            rounds=len(timing.samples),
             median_ms=timing.median * 1e3,
+            q1_ms=q1 * 1e3,
+            q3_ms=q3 * 1e3,
             spread=timing.spread,
             gbps=workload.traffic_bytes / timing.median / 1e9,
             ratio_to_floor=timing.median / floor,
             copies=copies,
             misaligned=workload.misaligned,
+            flags=[NOISY] if timing.spread > config.max_spread else [],
         )
 
     return [result(impl, timing) for impl, timing in timings.items()]
