@@ -7,11 +7,12 @@ import itertools
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from lookahead_cuda.bench import sync, timing
+from lookahead_cuda.bench import floor, sync, timing
 from lookahead_cuda.bench.cli import main, parse_args
 from lookahead_cuda.bench.config import BenchConfig
 from lookahead_cuda.bench.floor import CACHE_LINE, FloorCopy, floor_buffers, floor_copy
@@ -189,6 +190,17 @@ def test_cpu_floor_is_a_swap():
     assert torch.equal(a, before_b) and torch.equal(b, before_a)
 
 
+def test_the_floor_is_described_alike_everywhere(capsys):
+    described = " ".join(floor.DESCRIPTION.split())
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert described in " ".join(capsys.readouterr().out.split())
+    root = Path(__file__).resolve().parent.parent
+    for readme in (root / "README.md", root / "bench" / "README.md"):
+        assert described in " ".join(readme.read_text().split()), readme
+    # The table says it too: test_tiny_run_writes_table_and_json.
+
+
 def _config(**changes) -> BenchConfig:
     config = parse_args(["--device", "cpu", "--tensors", "3", "--numel", "1000", "--reps", "3"])
     return dataclasses.replace(config, **changes)
@@ -256,13 +268,17 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys, dtypes):
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "floor: in-place swap of each workload's bytes" in printed
+    assert f"floor: {floor.DESCRIPTION}\n" in printed
     assert "IQR/med" in printed
     for impl in ("fused", "foreach", "loop", "floor"):
         assert f"custom         {impl}" in printed
     report = json.loads(out.read_text())
     assert {"device", "torch", "threads", "results", "floor"} <= set(report)
-    assert report["floor"]["copy"] == "in-place swap"
+    assert report["floor"] == {
+        "description": floor.DESCRIPTION,
+        "copy": "in-place swap",
+        "rotation_bytes": report["floor"]["rotation_bytes"],
+    }
     assert [r["impl"] for r in report["results"]] == ["fused", "foreach", "loop", "floor"]
     keys = {
         "preset",
@@ -275,6 +291,7 @@ def test_tiny_run_writes_table_and_json(tmp_path, capsys, dtypes):
         "median_ms",
         "q1_ms",
         "q3_ms",
+        "best_ms",
         "spread",
         "gbps",
         "ratio_to_floor",
@@ -299,12 +316,29 @@ def test_each_workload_has_its_own_floor(tmp_path):
         ("custom", "fused"),
         ("custom", "floor"),
     ]
-    for fused, floor in (results[:2], results[2:]):
+    for fused, floor_row in (results[:2], results[2:]):
         traffic = 2 * fused["numel"] * (4 + 4)
-        assert floor["ratio_to_floor"] == 1.0
-        assert floor["gbps"] == pytest.approx(traffic / (floor["median_ms"] / 1e3) / 1e9)
-        assert fused["ratio_to_floor"] == pytest.approx(fused["median_ms"] / floor["median_ms"])
-        assert fused["copies"] == floor["copies"] >= 1
+        best = floor_row["best_ms"]
+        assert floor_row["ratio_to_floor"] == pytest.approx(floor_row["median_ms"] / best)
+        assert floor_row["gbps"] == pytest.approx(traffic / (floor_row["median_ms"] / 1e3) / 1e9)
+        assert fused["ratio_to_floor"] == pytest.approx(fused["median_ms"] / best)
+        assert fused["copies"] == floor_row["copies"] >= 1
+
+
+def test_the_floor_is_its_fastest_round_and_rows_below_it_are_flagged(monkeypatch):
+    # One round is a call of fused, then of the floor: fused always takes 2, the floor 2 or 4.
+    monkeypatch.setattr(timing, "_time_call", lambda fn, device: (fn(), next(times))[1])
+    workload = Workload(custom_preset(3, 1000), (torch.float32,) * 2, CPU)
+    config = _config(impls=("fused",), reps=4, max_reps=4, warmup=0)
+    times = itertools.cycle([2.0, 2.0, 2.0, 4.0])
+    fused, floor_row = sync.bench_workload(workload, config, workload.set_bytes, lambda _: None)
+    assert floor_row.best_ms == 2000 and floor_row.median_ms == 3000
+    assert fused.ratio_to_floor == 1.0 and floor_row.ratio_to_floor == 1.5
+    assert fused.flags == []
+    times = itertools.cycle([1.0, 2.0, 1.7, 2.0])  # fused's median 1.35 is 0.675x the floor
+    fused, floor_row = sync.bench_workload(workload, config, workload.set_bytes, lambda _: None)
+    assert fused.ratio_to_floor == pytest.approx(0.675) and sync.BELOW_FLOOR in fused.flags
+    assert floor_row.flags == []
 
 
 def test_misaligned_run(tmp_path, capsys):

@@ -1,7 +1,4 @@
-"""``lookahead-bench``: the fused Lookahead update against torch's foreach ops, the per-parameter
-Python loop of most Lookahead wrappers, and the memory floor (a plain streaming copy of the same
-bytes, timed in the same rounds), on real models' shapes. Spreads are the interquartile range of
-the repetitions over their median."""
+"""``lookahead-bench``: its command line, and the run it starts."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lookahead_cuda.bench import e2e, sync
+from lookahead_cuda.bench import e2e, floor, sync
 from lookahead_cuda.bench.config import DTYPES, BenchConfig, dtype_name
 from lookahead_cuda.bench.impls import IMPLEMENTATIONS
 from lookahead_cuda.bench.presets import PRESETS, Preset, custom_preset
@@ -31,7 +28,13 @@ from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS
 def _parser() -> argparse.ArgumentParser:
     # Every help text states its default itself, once: argparse's ArgumentDefaultsHelpFormatter
     # appended a second "(default: None)" to the options whose default is worked out later.
-    parser = argparse.ArgumentParser(prog="lookahead-bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lookahead-bench",
+        description="The fused Lookahead sync against torch's foreach ops and the per-parameter "
+        "Python loop of most Lookahead wrappers, on real models' shapes, each against its "
+        f"workload's memory floor. Floor: {floor.DESCRIPTION}. Spreads are the interquartile "
+        "range of the rounds over their median; a row too noisy, or below its floor, is flagged.",
+    )
     parser.add_argument(
         "--preset",
         nargs="+",
@@ -263,7 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config.misaligned:
                 print("tensors start one element into their buffers (not 16-byte aligned)")
             print(format_table(run.results, config.max_spread, config.max_reps))
-            report["floor"] = {"copy": run.floor_copy, "rotation_bytes": run.rotation_bytes}
+            report["floor"] = {
+                "description": floor.DESCRIPTION,
+                "copy": run.floor_copy,
+                "rotation_bytes": run.rotation_bytes,
+            }
             report["results"] = [asdict(r) for r in run.results]
             if config.plot_path:
                 plot(run.results, config.plot_path, f"Lookahead sync on {device_text}")

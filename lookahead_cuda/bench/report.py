@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lookahead_cuda.bench import floor
 from lookahead_cuda.bench.e2e import StepResult
-from lookahead_cuda.bench.sync import FLOOR, Result, SyncRun
+from lookahead_cuda.bench.sync import BELOW_FLOOR, BELOW_FLOOR_RATIO, FLOOR, Result, SyncRun
 from lookahead_cuda.bench.timing import NOISY
 
 
@@ -17,8 +18,9 @@ def describe_device(device: torch.device) -> str:
 
 def describe_floor(run: SyncRun) -> str:
     return (
-        f"floor: {run.floor_copy} of each workload's bytes (read + write), timed in the same rounds"
-        f"; workloads under {run.rotation_bytes >> 20} MiB rotate through copies"
+        f"floor: {floor.DESCRIPTION}\n"
+        f"workloads under {run.rotation_bytes >> 20} MiB rotate through copies of their tensors "
+        "(and of the floor's buffers), so that they are timed from memory, not cache"
     )
 
 
@@ -28,18 +30,22 @@ def legend(flags: set[str], max_spread: float, max_reps: int) -> list[str]:
         NOISY: f"{NOISY}: IQR/med still above {100 * max_spread:g}% after up to {max_reps} rounds "
         "(other work on the machine slowed some of them): its times and ratios are not to be "
         "trusted; rerun on a quieter machine or with more --reps",
+        BELOW_FLOOR: f"{BELOW_FLOOR}: median under {BELOW_FLOOR_RATIO} x the floor, the fastest "
+        "the machine moved the same bytes in the same rounds, which no sync can beat: a "
+        "measurement error, not a result",
     }
     return [meaning[flag] for flag in sorted(flags)]
 
 
 def format_table(results: list[Result], max_spread: float, max_reps: int) -> str:
     """One row per implementation and workload. ``IQR/med`` is the interquartile range of the
-    rounds over their median; ``x floor`` is the median over the workload's own floor; ``flags``
-    say why a row is not to be trusted, explained under the table."""
+    rounds over their median; ``best ms`` the fastest round (the floor row's is the floor);
+    ``x floor`` the median over the workload's own floor; ``flags`` say why a row is not to be
+    trusted, explained under the table."""
     header = (
         f"{'preset':<15}{'impl':<9}{'slow/fast':<19}{'tensors':>8}{'elements':>10}{'rounds':>7}"
-        f"{'median ms':>11}{'IQR/med':>9}{'GB/s':>8}{'x floor':>9}{'vs foreach':>11}"
-        f"{'vs loop':>9}  flags"
+        f"{'median ms':>11}{'IQR/med':>9}{'best ms':>11}{'GB/s':>8}{'x floor':>9}"
+        f"{'vs foreach':>11}{'vs loop':>9}  flags"
     )
     lines = [header, "-" * len(header)]
     by_key = {(r.preset, r.impl): r for r in results}
@@ -54,7 +60,8 @@ def format_table(results: list[Result], max_spread: float, max_reps: int) -> str
         lines.append(
             f"{r.preset:<15}{r.impl:<9}{r.slow_dtype + '/' + r.fast_dtype:<19}{r.tensors:>8}"
             f"{r.numel / 1e6:>9.1f}M{r.rounds:>7}{r.median_ms:>11.3f}{100 * r.spread:>8.1f}%"
-            f"{r.gbps:>8.1f}{r.ratio_to_floor:>9.2f}{speedup('foreach'):>11}{speedup('loop'):>9}"
+            f"{r.best_ms:>11.3f}{r.gbps:>8.1f}{r.ratio_to_floor:>9.2f}{speedup('foreach'):>11}"
+            f"{speedup('loop'):>9}"
             f"  {', '.join(r.flags)}".rstrip()
         )
     lines += legend({flag for r in results for flag in r.flags}, max_spread, max_reps)
