@@ -6,13 +6,15 @@ import dataclasses
 import itertools
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lookahead_cuda.bench import floor, sync, timing
+from lookahead_cuda.bench import floor, memory, sync, timing
 from lookahead_cuda.bench.cli import main, parse_args
 from lookahead_cuda.bench.config import BenchConfig
 from lookahead_cuda.bench.floor import CACHE_LINE, FloorCopy, floor_buffers, floor_copy
@@ -461,3 +463,57 @@ def test_rotation_copies_are_capped():
     config = _config(reps=1, max_reps=1, warmup=0)
     results = sync.bench_workload(workload, config, 1 << 40, lambda _: None)
     assert {r.copies for r in results} == {sync.MAX_COPIES}
+
+
+# Runs lookahead-bench in a fresh process and prints the growth of its resident memory from just
+# before the run to the run's peak (Linux's ru_maxrss), then the run's own stdout.
+_MEASURE_PEAK = """
+import os, resource, sys
+from lookahead_cuda.bench.cli import main
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = resident()
+main(sys.argv[1:])
+print("GROWTH", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss")
+@pytest.mark.parametrize(
+    "argv",
+    [["--impl", "fused"], ["--impl", "loop", "--momentum", "0.9"], ["--e2e", "--k", "1"]],
+    ids=["sync", "momentum-loop", "e2e"],
+)
+def test_the_printed_memory_is_what_the_run_allocates(tmp_path, argv):
+    # 64 MiB tensors: above glibc's largest mmap threshold, so every one is mapped and unmapped
+    # and resident memory follows what the run holds.
+    out = tmp_path / "run.json"
+    run = ["--device", "cpu", "--tensors", "1", "--numel", str(1 << 24), "--reps", "1"]
+    run += ["--max-reps", "1", "--warmup", "0", "--json", str(out), *argv]
+    printed = subprocess.run(
+        [sys.executable, "-c", _MEASURE_PEAK, *run], capture_output=True, text=True, check=True
+    ).stdout
+    (planned,) = (w["planned_bytes"] for w in json.loads(out.read_text())["memory"]["workloads"])
+    assert f"memory: about {planned / 1e9:.1f} GB at the peak (custom;" in printed
+    growth = int(re.search(r"GROWTH (\d+)", printed).group(1))
+    assert 0.8 < growth / planned < 1.25, (growth, planned)
+
+
+def test_a_workload_that_does_not_fit_is_skipped(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results.json"
+    argv = ["--device", "cpu", "--preset", "many-small", "--tensors", "2", "--numel", "1000"]
+    argv += ["--reps", "1", "--impl", "fused", "--json", str(out)]
+    # many-small needs 0.7 GB, the custom workload 0.2 GB (64 rotated copies, each with a floor).
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 400_000_000)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "; 0.4 GB available\nskipped many-small: it needs about 0.7 GB, more than" in printed
+    report = json.loads(out.read_text())
+    assert [(w["preset"], w["skipped"]) for w in report["memory"]["workloads"]] == [
+        ("many-small", True),
+        ("custom", False),
+    ]
+    assert {r["preset"] for r in report["results"]} == {"custom"}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    assert main(argv) == 1
+    assert "nothing to time: no workload fits the memory available" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -11,13 +12,14 @@ from typing import Any
 
 import torch
 
-from lookahead_cuda.bench import e2e, floor, sync
+from lookahead_cuda.bench import e2e, floor, memory, sync
 from lookahead_cuda.bench.config import DTYPES, BenchConfig, dtype_name
 from lookahead_cuda.bench.impls import IMPLEMENTATIONS
 from lookahead_cuda.bench.presets import PRESETS, Preset, custom_preset
 from lookahead_cuda.bench.report import (
     describe_device,
     describe_floor,
+    describe_memory,
     format_steps,
     format_table,
     plot,
@@ -255,8 +257,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         f", outer momentum {config.momentum} (SNOO)" if config.momentum > 0 else ""
     )
     print(f"lookahead-bench on {device_text}, torch {torch.__version__}, {sync_text}")
+    needs = [(preset.name, memory.planned_bytes(preset, config)) for preset in config.presets]
+    available = memory.available_bytes(config.device)
+    print(describe_memory(needs, available))
+    fits = [available is None or bytes_ <= available for _, bytes_ in needs]
+    report["memory"] = {
+        "available_bytes": available,
+        "workloads": [
+            {"preset": name, "planned_bytes": bytes_, "skipped": not fit}
+            for (name, bytes_), fit in zip(needs, fits)
+        ],
+    }
+    config = dataclasses.replace(
+        config, presets=tuple(p for p, fit in zip(config.presets, fits) if fit)
+    )
     with torch.no_grad():
-        if config.e2e:
+        if not config.presets:
+            print("nothing to time: no workload fits the memory available")
+        elif config.e2e:
             steps = e2e.run(config, progress)
             print(format_steps(steps, config.max_spread, config.max_reps))
             report["e2e"] = [asdict(r) for r in steps]
@@ -279,4 +297,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(config.json_path, "w") as out:
             json.dump(report, out, indent=2)
         print(f"results written to {config.json_path}")
-    return 0
+    return 0 if config.presets else 1

@@ -38,6 +38,17 @@ class StepResult:
     flags: list[str]
 
 
+def planned_bytes(preset: Preset, config: BenchConfig) -> int:
+    """The most memory :func:`bench_step` holds at once, known before it allocates any: the
+    parameters and their gradients, three AdamW (alone, in Lookahead, in SNOO) with two moments
+    each, a foreach step's temporaries (a tensor per parameter), Lookahead's and SNOO's slow
+    copies and SNOO's momentum buffers. One inner optimizer's set is freed before the next's is
+    made."""
+    fast = preset.numel * config.fast_dtype.itemsize
+    slow = preset.numel * config.slow_dtype.itemsize
+    return (2 + 3 * 2 + 1) * fast + 3 * slow
+
+
 def run(config: BenchConfig, progress: Callable[[str], None]) -> list[StepResult]:
     results: list[StepResult] = []
     for preset in config.presets:

@@ -49,6 +49,20 @@ def floor_copy(device: torch.device) -> FloorCopy:
     return FloorCopy("torch copy_", 2, lambda a, b: b.copy_(a))
 
 
+def _placement(copy: FloorCopy, traffic_bytes: int) -> tuple[int, int]:
+    """The elements of each buffer over which ``copy`` moves ``traffic_bytes``, and where the
+    second one starts in their allocation."""
+    numel = max(1, math.ceil(traffic_bytes / copy.passes / 4))
+    offset_lines = (math.ceil(numel * 4 / CACHE_LINE) + (3 << 20) // CACHE_LINE) | 1
+    return numel, offset_lines * CACHE_LINE // 4
+
+
+def buffer_bytes(copy: FloorCopy, traffic_bytes: int) -> int:
+    """Bytes :func:`floor_buffers` allocates for ``copy`` to move ``traffic_bytes``."""
+    numel, offset = _placement(copy, traffic_bytes)
+    return (offset + numel) * 4
+
+
 def floor_buffers(
     copy: FloorCopy, device: torch.device, traffic_bytes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +72,6 @@ def floor_buffers(
     separately allocated buffers can land a power of two apart, in the same DRAM banks, and then
     stream at half speed (seen on the CPU machine: 17 against 42 GB/s), which would put the floor
     too low."""
-    numel = max(1, math.ceil(traffic_bytes / copy.passes / 4))
-    offset_lines = (math.ceil(numel * 4 / CACHE_LINE) + (3 << 20) // CACHE_LINE) | 1
-    offset = offset_lines * CACHE_LINE // 4
+    numel, offset = _placement(copy, traffic_bytes)
     buffer = torch.empty(offset + numel, dtype=torch.float32, device=device).uniform_()
     return buffer[:numel], buffer[offset:]

@@ -16,6 +16,27 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
 
 
+def format_bytes(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e8 else f"{count / 1e6:.0f} MB"
+
+
+def describe_memory(needs: list[tuple[str, int]], available: int | None) -> str:
+    """The run's peak memory (the largest workload's: they are allocated and freed in turn), what
+    the device has, and the workloads skipped for want of it."""
+    name, peak = max(needs, key=lambda need: need[1])
+    have = "an unknown amount" if available is None else format_bytes(available)
+    lines = [
+        f"memory: about {format_bytes(peak)} at the peak ({name}; workloads are allocated and "
+        f"freed one after another); {have} available"
+    ]
+    lines += [
+        f"skipped {skipped}: it needs about {format_bytes(bytes_)}, more than is available"
+        for skipped, bytes_ in needs
+        if available is not None and bytes_ > available
+    ]
+    return "\n".join(lines)
+
+
 def describe_floor(run: SyncRun) -> str:
     return (
         f"floor: {floor.DESCRIPTION}\n"
