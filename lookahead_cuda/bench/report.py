@@ -6,7 +6,7 @@ import torch
 
 from lookahead_cuda.bench import floor
 from lookahead_cuda.bench.e2e import StepResult
-from lookahead_cuda.bench.sync import BELOW_FLOOR, BELOW_FLOOR_RATIO, FLOOR, Result, SyncRun
+from lookahead_cuda.bench.sync import BELOW_FLOOR, BELOW_FLOOR_RATIO, BUSY, FLOOR, Result, SyncRun
 from lookahead_cuda.bench.timing import NOISY
 
 
@@ -49,13 +49,16 @@ def legend(flags: set[str], max_spread: float, max_reps: int) -> list[str]:
     """What each flag in a table's ``flags`` column means, for the flags it shows."""
     meaning = {
         NOISY: f"{NOISY}: IQR/med still above {100 * max_spread:g}% after up to {max_reps} rounds "
-        "(other work on the machine slowed some of them): its times and ratios are not to be "
-        "trusted; rerun on a quieter machine or with more --reps",
+        "(other work on the machine slowed some of them): the row's times and ratios are not to "
+        "be trusted; rerun on a quieter machine or with more --reps",
+        BUSY: f"{BUSY}: the floor's median is more than {100 * max_spread:g}% above its fastest "
+        "round (half its rounds or more ran that much slower: the machine was busy), so every "
+        "x floor of the workload is inflated by as much; rerun on a quieter machine",
         BELOW_FLOOR: f"{BELOW_FLOOR}: median under {BELOW_FLOOR_RATIO} x the floor, the fastest "
         "the machine moved the same bytes in the same rounds, which no sync can beat: a "
         "measurement error, not a result",
     }
-    return [meaning[flag] for flag in sorted(flags)]
+    return [text for flag, text in meaning.items() if flag in flags]
 
 
 def format_table(results: list[Result], max_spread: float, max_reps: int) -> str:

@@ -46,6 +46,10 @@ _COMPARE_TEMPORARIES = 4
 # same bytes in the same rounds: a measurement error, flagged as BELOW_FLOOR rather than reported.
 BELOW_FLOOR_RATIO = 0.9
 BELOW_FLOOR = "below floor"
+# Every row's flag when the floor's median is more than --max-spread above its fastest round: the
+# machine's rate varied during the rounds, and every x floor of the workload (a median over that
+# fastest round) is inflated by as much, however tightly the row's own rounds agree.
+BUSY = "busy"
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Result:
     ratio_to_floor: float
     copies: int
     misaligned: bool
-    #: Why the row's figures are not to be trusted (NOISY, BELOW_FLOOR), none when they are.
+    #: Why the row's figures are not to be trusted (NOISY, BUSY, BELOW_FLOOR), none when they are.
     flags: list[str]
 
 
@@ -199,13 +203,16 @@ def bench_workload(
     scale = workload.traffic_bytes / floor_traffic
     timings[FLOOR] = Timing(tuple(sample * scale for sample in timings[FLOOR].samples))
     floor = timings[FLOOR].best
+    busy = timings[FLOOR].median / floor > 1 + config.max_spread
 
     def result(impl: str, timing: Timing) -> Result:
         q1, q3 = timing.quartiles
         ratio = timing.median / floor
-        flags = [NOISY] if timing.spread > config.max_spread else []
-        if ratio < BELOW_FLOOR_RATIO:
-            flags.append(BELOW_FLOOR)
+        conditions = {
+            NOISY: timing.spread > config.max_spread,
+            BUSY: busy,
+            BELOW_FLOOR: ratio < BELOW_FLOOR_RATIO,
+        }
         return Result(
             preset=workload.preset.name,
             impl=impl,
@@ -223,7 +230,7 @@ def bench_workload(
             ratio_to_floor=ratio,
             copies=copies,
             misaligned=workload.misaligned,
-            flags=flags,
+            flags=[flag for flag, raised in conditions.items() if raised],
         )
 
     return [result(impl, timing) for impl, timing in timings.items()]
