@@ -123,7 +123,7 @@ def error_bar(r: Result) -> tuple[float, float]:
 
 def plot(results: list[Result], path: str, title: str) -> None:
     """A bar per row, its median over the workload's floor, with an error bar over the quartiles
-    of its rounds; noisy rows hatched."""
+    of its rounds; flagged rows hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +134,7 @@ def plot(results: list[Result], path: str, title: str) -> None:
     impls = list(dict.fromkeys(r.impl for r in results))
     width = 0.8 / len(impls)
     figure, axes = plt.subplots(figsize=(max(6, 1.8 * len(presets)), 4))
-    # The legend's swatches are plain: a hatched one would say that impl is noisy everywhere.
+    # The legend's swatches are plain: a hatched one would say that impl is flagged everywhere.
     swatches = []
     for i, impl in enumerate(impls):
         rows = [
@@ -153,11 +153,11 @@ def plot(results: list[Result], path: str, title: str) -> None:
         )
         swatches.append(Patch(facecolor=bars.patches[0].get_facecolor(), label=impl))
         for bar, (_, r) in zip(bars, rows):
-            if NOISY in r.flags:
+            if r.flags:
                 bar.set_hatch("//")
     axes.axhline(1.0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(presets)), presets)
-    axes.set_ylabel("median time / the workload's floor\n(error bars: quartiles; hatched: noisy)")
+    axes.set_ylabel("median time / the workload's floor\n(error bars: quartiles; hatched: flagged)")
     axes.set_title(title)
     axes.legend(handles=swatches)
     figure.tight_layout()
