@@ -509,6 +509,17 @@ def test_the_printed_memory_is_what_the_run_allocates(tmp_path, argv):
     assert 0.8 < growth / planned < 1.25, (growth, planned)
 
 
+def test_the_readmes_say_what_the_default_run_needs():
+    config = parse_args(["--device", "cpu"])
+    peak = f"{max(memory.planned_bytes(preset, config) for preset in config.presets) / 1e9:.1f}"
+    root = Path(__file__).resolve().parent.parent
+    readme, bench_readme = (
+        " ".join((folder / "README.md").read_text().split()) for folder in (root, root / "bench")
+    )
+    assert f"The default CPU run needs about {peak} GB" in readme
+    assert f"({peak} GB for the default CPU run)" in bench_readme
+
+
 def test_a_workload_that_does_not_fit_is_skipped(tmp_path, capsys, monkeypatch):
     out = tmp_path / "results.json"
     argv = ["--device", "cpu", "--preset", "many-small", "--tensors", "2", "--numel", "1000"]
