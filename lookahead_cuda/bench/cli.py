@@ -103,9 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=20.0,
         metavar="PERCENT",
-        help="while any row of a workload has an interquartile range over its median above this, "
-        "time that workload's rounds again, one at a time up to --max-reps; a row still above "
-        "it is flagged noisy (default: %(default)s)",
+        help="while any row of a workload has an interquartile range over its median above this "
+        "percentage, the workload gets one round more, up to --max-reps rounds in all; a row "
+        "still above it is flagged noisy (default: %(default)g)",
     )
     parser.add_argument(
         "--max-reps",
