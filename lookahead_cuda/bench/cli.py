@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     needs = [(preset.name, memory.planned_bytes(preset, config)) for preset in config.presets]
     available = memory.available_bytes(config.device)
     print(describe_memory(needs, available))
-    fits = [available is None or bytes_ <= available for _, bytes_ in needs]
+    fits = [memory.fits(bytes_, available) for _, bytes_ in needs]
     report["memory"] = {
         "available_bytes": available,
         "workloads": [

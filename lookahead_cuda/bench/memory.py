@@ -23,6 +23,12 @@ def planned_bytes(preset: Preset, config: BenchConfig) -> int:
     return sync.planned_bytes(workload, config, sync.rotation_bytes_of(config.device))
 
 
+def fits(needed: int, available: int | None) -> bool:
+    """Whether a workload that needs ``needed`` bytes runs; when what is available cannot be read,
+    it does."""
+    return available is None or needed <= available
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Memory the device can give this process now, or None where that cannot be read: free
     device memory on CUDA; on the CPU, what Linux counts as available (free and reclaimable)."""

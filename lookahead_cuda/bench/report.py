@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lookahead_cuda.bench import floor
+from lookahead_cuda.bench import floor, memory
 from lookahead_cuda.bench.e2e import StepResult
 from lookahead_cuda.bench.sync import BELOW_FLOOR, BELOW_FLOOR_RATIO, BUSY, FLOOR, Result, SyncRun
 from lookahead_cuda.bench.timing import NOISY
@@ -32,7 +32,7 @@ def describe_memory(needs: list[tuple[str, int]], available: int | None) -> str:
     lines += [
         f"skipped {skipped}: it needs about {format_bytes(bytes_)}, more than is available"
         for skipped, bytes_ in needs
-        if available is not None and bytes_ > available
+        if not memory.fits(bytes_, available)
     ]
     return "\n".join(lines)
 
