@@ -1,6 +1,8 @@
-"""The lookahead-bench package: argument errors and the config they resolve to, the workloads'
-traffic and placement, the floor timed with each workload, the spread statistic, the check against
-torch, and tiny runs of both benchmarks with their tables and JSON."""
+"""The lookahead-bench package: --help and argument errors and the config they resolve to, the
+workloads' traffic and placement, the floor timed with each workload (read at its fastest round,
+described alike everywhere), the spread statistic and the extra rounds and flags of noisy rows,
+the check against torch, the memory a run says it needs against what it takes, and tiny runs of
+both benchmarks with their tables, JSON and plot."""
 
 import dataclasses
 import itertools
