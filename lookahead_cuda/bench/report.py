@@ -13,7 +13,9 @@ from lookahead_cuda.bench.timing import NOISY
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+    threads = torch.get_num_threads()
+    plural = "" if threads == 1 else "s"
+    return f"cpu ({threads} thread{plural}, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def format_bytes(count: int) -> str:
