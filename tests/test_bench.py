@@ -478,19 +478,21 @@ def test_rotation_copies_are_capped():
 
 
 # Runs lookahead-bench in a fresh process and prints the growth of its resident memory from just
-# before the run to the run's peak (Linux's ru_maxrss), then the run's own stdout.
+# before the run to the run's peak, then the run's own stdout. The peak is the process's own
+# VmHWM: ru_maxrss would also count the memory of pytest, which the child was forked from.
 _MEASURE_PEAK = """
-import os, resource, sys
+import sys
 from lookahead_cuda.bench.cli import main
-def resident():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-before = resident()
+def kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+before = kib("VmRSS")
 main(sys.argv[1:])
-print("GROWTH", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+print("GROWTH", (kib("VmHWM") - before) * 1024)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize(
     "argv",
     [["--impl", "fused"], ["--impl", "loop", "--momentum", "0.9"], ["--e2e", "--k", "1"]],
