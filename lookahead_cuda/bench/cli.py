@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         description="The fused Lookahead sync against torch's foreach ops and the per-parameter "
         "Python loop of most Lookahead wrappers, on real models' shapes, each against its "
         f"workload's memory floor. Floor: {floor.DESCRIPTION}. Spreads are the interquartile "
-        "range of the rounds over their median; a row too noisy, or below its floor, is flagged.",
+        "range of the rounds over their median; rows too noisy, of a workload whose floor was "
+        "slowed, or below their floor are flagged, as the table explains. Before it allocates, "
+        "a run prints the memory it needs and skips a workload that does not fit.",
     )
     parser.add_argument(
         "--preset",
@@ -118,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=int,
-        help="CPU threads, through torch.set_num_threads (default: torch's choice)",
+        help="CPU threads, through torch.set_num_threads; on a machine other work shares, 1 "
+        "waits for no second thread at each fork/join and times more steadily "
+        "(default: torch's choice)",
     )
     parser.add_argument(
         "--misaligned",
