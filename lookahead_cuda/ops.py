@@ -220,36 +220,3 @@ def found_nonfinite_(
     one-element ``torch.bool`` tensor there), nothing is read unless it holds True.
     """
     _call("found_nonfinite_", tensors, found, due)
-
-
-def foreach_update_(
-    slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float
-) -> None:
-    """The same update with torch's foreach ops (five passes over memory and, for mixed dtypes, a
-    cast of every fast tensor): the benchmark's baseline."""
-    fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
-    torch._foreach_lerp_(list(slow), fast_as_slow, alpha)
-    torch._foreach_copy_(list(fast), list(slow))
-
-
-def foreach_momentum_update_(
-    slow: Sequence[torch.Tensor],
-    fast: Sequence[torch.Tensor],
-    momentum: Sequence[torch.Tensor],
-    lr: float,
-    mu: float,
-    nesterov: bool = True,
-) -> None:
-    """The outer-momentum sync with torch's foreach ops, in the slow dtype (rounded per
-    operation, not bitwise :func:`lookahead_momentum_update_`): the benchmark's baseline."""
-    slow, momentum = list(slow), list(momentum)
-    fast_as_slow = [f if f.dtype == s.dtype else f.to(s.dtype) for s, f in zip(slow, fast)]
-    pseudo_gradient = torch._foreach_sub(slow, fast_as_slow)
-    torch._foreach_mul_(momentum, mu)
-    torch._foreach_add_(momentum, pseudo_gradient)
-    if nesterov:
-        torch._foreach_add_(pseudo_gradient, momentum, alpha=mu)
-        torch._foreach_add_(slow, pseudo_gradient, alpha=-lr)
-    else:
-        torch._foreach_add_(slow, momentum, alpha=-lr)
-    torch._foreach_copy_(list(fast), slow)

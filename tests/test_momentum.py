@@ -17,11 +17,8 @@ from test_lookahead import (
 )
 
 from lookahead_cuda import Lookahead
-from lookahead_cuda.ops import (
-    foreach_momentum_update_,
-    lookahead_momentum_update_,
-    lookahead_momentum_update_if_,
-)
+from lookahead_cuda.bench.impls import foreach_momentum_update_
+from lookahead_cuda.ops import lookahead_momentum_update_, lookahead_momentum_update_if_
 
 # Results that depend on the CPU kernels torch picks: run again under every capability the CPU
 # has (test_cpu_capabilities.py).

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lookahead_cuda
 from lookahead_cuda import _C
-from lookahead_cuda.ops import foreach_update_
+from lookahead_cuda.bench.impls import foreach_update_
 
 # Results that depend on the CPU kernels torch picks: run again under every capability the CPU
 # has (test_cpu_capabilities.py).

@@ -1,11 +1,9 @@
-"""``lookahead-bench``: the fused Lookahead update against torch's foreach ops, the per-parameter
-Python loop of most Lookahead wrappers, and the memory floor (a plain streaming copy of the same
-bytes, timed in the same rounds), on real models' shapes. Spreads are the interquartile range of
-the repetitions over their median."""
+"""``lookahead-bench``: its command line, and the run it starts."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -14,13 +12,14 @@ from typing import Any
 
 import torch
 
-from lookahead_cuda.bench import e2e, sync
+from lookahead_cuda.bench import e2e, floor, memory, sync
 from lookahead_cuda.bench.config import DTYPES, BenchConfig, dtype_name
 from lookahead_cuda.bench.impls import IMPLEMENTATIONS
 from lookahead_cuda.bench.presets import PRESETS, Preset, custom_preset
 from lookahead_cuda.bench.report import (
     describe_device,
     describe_floor,
+    describe_memory,
     format_steps,
     format_table,
     plot,
@@ -29,33 +28,46 @@ from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Every help text states its default itself, once: argparse's ArgumentDefaultsHelpFormatter
+    # appended a second "(default: None)" to the options whose default is worked out later.
     parser = argparse.ArgumentParser(
         prog="lookahead-bench",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The fused Lookahead sync against torch's foreach ops and the per-parameter "
+        "Python loop of most Lookahead wrappers, on real models' shapes, each against its "
+        f"workload's memory floor. Floor: {floor.DESCRIPTION}. Spreads are the interquartile "
+        "range of the rounds over their median; rows too noisy, of a workload whose floor was "
+        "slowed, or below their floor are flagged, as the table explains. Before it allocates, "
+        "a run prints the memory it needs and skips a workload that does not fit.",
     )
     parser.add_argument(
         "--preset",
         nargs="+",
         choices=sorted(PRESETS),
-        default=None,
-        help="workloads (default: all that fit the device; gpt2 with --e2e)",
+        help="workloads (default: every preset that fits the device; gpt2 with --e2e)",
     )
-    parser.add_argument("--tensors", type=int, help="custom workload: number of tensors")
-    parser.add_argument("--numel", type=int, help="custom workload: elements per tensor")
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
+        "--tensors",
+        type=int,
+        help="a custom workload of this many tensors, each of --numel elements, timed after the "
+        "presets given with --preset (default: no custom workload)",
+    )
+    parser.add_argument(
+        "--numel",
+        type=int,
+        help="elements per tensor of the custom workload (default: no custom workload)",
+    )
+    parser.add_argument(
+        "--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
     )
     parser.add_argument(
         "--fast-dtype",
         choices=list(DTYPES),
         default="float32",
-        help="parameter (fast weights) dtype",
+        help="parameter (fast weights) dtype (default: %(default)s)",
     )
     parser.add_argument(
         "--slow-dtype",
         choices=list(DTYPES),
-        default=None,
         help="slow weights dtype (default: the fast dtype)",
     )
     parser.add_argument(
@@ -63,51 +75,79 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list(IMPLEMENTATIONS),
         default=list(IMPLEMENTATIONS),
-        help="implementations to time (the floor is always timed with them)",
+        help="implementations to time; the floor is always timed with them (default: all)",
     )
     parser.add_argument(
         "--alpha",
         type=float,
         default=0.5,
-        help="slow-weights step size (with --momentum, the outer learning rate)",
+        help="slow-weights step size; with --momentum above 0, the outer learning rate "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--momentum",
         type=float,
         default=0.0,
-        help="outer momentum: above 0 the sync is SNOO's Nesterov step on the pseudo-gradient, "
-        "over a third list of buffers (6 passes over memory, not 4); with --e2e, the momentum of "
-        "the SNOO rows (0: 0.9)",
+        help="outer momentum of the timed sync. 0: Lookahead's lerp (two lists, 4 passes over "
+        "memory); above 0: SNOO's Nesterov step on the pseudo-gradient, over a third list of "
+        "buffers (6 passes). With --e2e, the momentum of the SNOO rows, where 0 stands for "
+        f"{e2e.DEFAULT_MOMENTUM} (DiLoCo's and SNOO's) (default: 0)",
     )
     parser.add_argument(
         "--reps",
         type=int,
         default=10,
         help="timed rounds (one call of each implementation and the floor per round); the table "
-        "gives their median and their interquartile range over the median",
+        "gives their median and their interquartile range over the median (default: %(default)s)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
+    parser.add_argument(
+        "--max-spread",
+        type=float,
+        default=20.0,
+        metavar="PERCENT",
+        help="while any row of a workload has an interquartile range over its median above this "
+        "percentage, the workload gets one round more, up to --max-reps rounds in all; a row "
+        "still above it is flagged noisy (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--max-reps",
+        type=int,
+        help="the most rounds a workload gets while it is too noisy (default: 3 x --reps)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed rounds before timing (default: %(default)s)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="CPU threads (torch.set_num_threads; default: torch's choice)",
+        help="CPU threads, through torch.set_num_threads; on a machine other work shares, 1 "
+        "waits for no second thread at each fork/join and times more steadily "
+        "(default: torch's choice)",
     )
     parser.add_argument(
         "--misaligned",
         action="store_true",
         help="make every slow and fast tensor a view starting one element into a larger buffer, "
         "so that its data pointer is not 16-byte aligned (times the kernels' handling of "
-        "misaligned starts; the floor's buffers stay aligned)",
+        "misaligned starts; the floor's buffers stay aligned) (default: off, aligned tensors)",
     )
     parser.add_argument(
         "--e2e",
         action="store_true",
-        help="time an AdamW step with and without Lookahead, amortized over k",
+        help="time an AdamW step with and without Lookahead, amortized over k, instead of the "
+        "sync (default: off, the sync)",
     )
-    parser.add_argument("--k", type=int, default=5, help="Lookahead's k for --e2e")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of the results (matplotlib)")
+    parser.add_argument(
+        "--k", type=int, default=5, help="Lookahead's k for --e2e (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--json", metavar="FILE", help="write the results as JSON to FILE (default: no JSON)"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="bar chart of the results, with matplotlib (default: no plot)",
+    )
     return parser
 
 
@@ -121,6 +161,11 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         parser.error("--tensors and --numel must be at least 1")
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be at least 1 and --warmup at least 0")
+    max_reps = 3 * args.reps if args.max_reps is None else args.max_reps
+    if max_reps < args.reps:
+        parser.error(f"--max-reps must be at least --reps ({args.reps}), got {max_reps}")
+    if args.max_spread <= 0:
+        parser.error(f"--max-spread must be above 0, got {args.max_spread}")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.k < 1:
@@ -177,6 +222,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         impls=tuple(args.impl),
         alpha=args.alpha,
         reps=args.reps,
+        max_reps=max_reps,
+        max_spread=args.max_spread / 100,
         warmup=args.warmup,
         threads=args.threads,
         e2e=args.e2e,
@@ -205,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "alpha": config.alpha,
         "momentum": config.momentum,
         "reps": config.reps,
+        "max_reps": config.max_reps,
+        "max_spread": config.max_spread,
         "misaligned": config.misaligned,
         "results": [],
     }
@@ -212,18 +261,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         f", outer momentum {config.momentum} (SNOO)" if config.momentum > 0 else ""
     )
     print(f"lookahead-bench on {device_text}, torch {torch.__version__}, {sync_text}")
+    needs = [(preset.name, memory.planned_bytes(preset, config)) for preset in config.presets]
+    available = memory.available_bytes(config.device)
+    print(describe_memory(needs, available))
+    fits = [memory.fits(bytes_, available) for _, bytes_ in needs]
+    report["memory"] = {
+        "available_bytes": available,
+        "workloads": [
+            {"preset": name, "planned_bytes": bytes_, "skipped": not fit}
+            for (name, bytes_), fit in zip(needs, fits)
+        ],
+    }
+    config = dataclasses.replace(
+        config, presets=tuple(p for p, fit in zip(config.presets, fits) if fit)
+    )
     with torch.no_grad():
-        if config.e2e:
+        if not config.presets:
+            print("nothing to time: no workload fits the memory available")
+        elif config.e2e:
             steps = e2e.run(config, progress)
-            print(format_steps(steps))
+            print(format_steps(steps, config.max_spread, config.max_reps))
             report["e2e"] = [asdict(r) for r in steps]
         else:
             run = sync.run(config, progress)
             print(describe_floor(run))
             if config.misaligned:
                 print("tensors start one element into their buffers (not 16-byte aligned)")
-            print(format_table(run.results))
-            report["floor"] = {"copy": run.floor_copy, "rotation_bytes": run.rotation_bytes}
+            print(format_table(run.results, config.max_spread, config.max_reps))
+            report["floor"] = {
+                "description": floor.DESCRIPTION,
+                "copy": run.floor_copy,
+                "rotation_bytes": run.rotation_bytes,
+            }
             report["results"] = [asdict(r) for r in run.results]
             if config.plot_path:
                 plot(run.results, config.plot_path, f"Lookahead sync on {device_text}")
@@ -232,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(config.json_path, "w") as out:
             json.dump(report, out, indent=2)
         print(f"results written to {config.json_path}")
-    return 0
+    return 0 if config.presets else 1

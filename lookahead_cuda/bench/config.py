@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lookahead_cuda.bench.presets import Preset
+from lookahead_cuda.bench.timing import Rounds
 
 DTYPES = {
     "float32": torch.float32,
@@ -32,6 +33,10 @@ class BenchConfig:
     impls: tuple[str, ...]
     alpha: float
     reps: int
+    #: The most rounds a workload gets while a row's spread is above ``max_spread``.
+    max_reps: int
+    #: The interquartile range over the median above which a row is re-measured, then flagged.
+    max_spread: float
     warmup: int
     threads: int | None
     e2e: bool
@@ -41,6 +46,10 @@ class BenchConfig:
     misaligned: bool
     json_path: str | None
     plot_path: str | None
+
+    @property
+    def rounds(self) -> Rounds:
+        return Rounds(self.reps, self.max_reps, self.max_spread)
 
     @property
     def list_dtypes(self) -> tuple[torch.dtype, ...]:

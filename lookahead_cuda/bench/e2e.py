@@ -12,7 +12,7 @@ import torch
 from lookahead_cuda import Lookahead
 from lookahead_cuda.bench.config import BenchConfig
 from lookahead_cuda.bench.presets import Preset
-from lookahead_cuda.bench.timing import measure_interleaved
+from lookahead_cuda.bench.timing import NOISY, measure_interleaved
 
 # The outer momentum of the SNOO rows when --momentum does not give one: DiLoCo's and SNOO's.
 DEFAULT_MOMENTUM = 0.9
@@ -31,6 +31,22 @@ class StepResult:
     snoo_step_ms: float
     snoo_overhead_ms: float
     snoo_overhead_pct: float
+    rounds: int
+    #: The largest interquartile range over the median of the three step times.
+    spread: float
+    #: NOISY when that spread is above the run's --max-spread after the last round.
+    flags: list[str]
+
+
+def planned_bytes(preset: Preset, config: BenchConfig) -> int:
+    """The most memory :func:`bench_step` holds at once, known before it allocates any: the
+    parameters and their gradients, three AdamW (alone, in Lookahead, in SNOO) with two moments
+    each, a foreach step's temporaries (a tensor per parameter), Lookahead's and SNOO's slow
+    copies and SNOO's momentum buffers. One inner optimizer's set is freed before the next's is
+    made."""
+    fast = preset.numel * config.fast_dtype.itemsize
+    slow = preset.numel * config.slow_dtype.itemsize
+    return (2 + 3 * 2 + 1) * fast + 3 * slow
 
 
 def run(config: BenchConfig, progress: Callable[[str], None]) -> list[StepResult]:
@@ -102,12 +118,13 @@ def bench_step(
         timings = measure_interleaved(
             {name: lambda step=step: [step() for _ in range(k)] for name, step in steps.items()},
             config.device,
-            config.reps,
+            config.rounds,
             min(config.warmup, 1),
         )
         step_ms, lookahead_ms, snoo_ms = (
             timings[name].median / k * 1e3 for name in ("plain", "lookahead", "snoo")
         )
+        spread = max(timing.spread for timing in timings.values())
         results.append(
             StepResult(
                 preset.name,
@@ -121,6 +138,9 @@ def bench_step(
                 snoo_ms,
                 snoo_ms - step_ms,
                 100 * (snoo_ms - step_ms) / step_ms,
+                len(timings["plain"].samples),
+                spread,
+                [NOISY] if spread > config.max_spread else [],
             )
         )
     return results

@@ -43,6 +43,18 @@ class Workload:
         return self.numel * self.bytes_per_element
 
     @property
+    def allocated_bytes(self) -> int:
+        """Bytes one copy of the lists takes as placed: misaligned tensors sit one element into
+        their buffers."""
+        extra = len(self.preset.shapes) * self.bytes_per_element if self.misaligned else 0
+        return self.set_bytes + extra
+
+    @property
+    def largest_numel(self) -> int:
+        """Elements of the largest tensor: what a per-tensor temporary is at most."""
+        return max((math.prod(shape) for shape in self.preset.shapes), default=0)
+
+    @property
     def traffic_bytes(self) -> int:
         """Bytes one sync moves: every element of every list read, then written back."""
         return 2 * self.set_bytes
