@@ -4,7 +4,6 @@
 // tensor at a time (op_skeleton.h).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -15,15 +14,7 @@
 #include "../element_math.h"
 #include "../op_skeleton.h"
 #include "parallel_over.h"
-
-// The fused multiply-add must be an instruction, not a libm call, for the loop to stay memory-bound;
-// binaries are built for baseline x86-64, so the fused loops alone are compiled for AVX2+FMA and are
-// only chosen when torch itself runs its AVX2/AVX512 kernels (which implies the CPU has FMA).
-#if defined(__x86_64__) || defined(_M_X64)
-#define LOOKAHEAD_FMA_TARGET __attribute__((target("avx2,fma")))
-#else
-#define LOOKAHEAD_FMA_TARGET
-#endif
+#include "vector_target.h"
 
 namespace lookahead {
 namespace {
@@ -35,7 +26,7 @@ C10_ALWAYS_INLINE void sync_loop(S* __restrict__ slow, F* __restrict__ fast, int
 }
 
 template <bool kSmall, typename S, typename F, typename opmath_t>
-LOOKAHEAD_FMA_TARGET void sync_loop_fused(S* slow, F* fast, int64_t n, opmath_t coeff) {
+LOOKAHEAD_VECTOR_TARGET void sync_loop_fused(S* slow, F* fast, int64_t n, opmath_t coeff) {
   sync_loop<true, kSmall>(slow, fast, n, coeff);
 }
 
@@ -54,7 +45,7 @@ C10_ALWAYS_INLINE void momentum_loop(S* __restrict__ slow, F* __restrict__ fast,
 }
 
 template <bool kNesterov, typename S, typename F, typename opmath_t>
-LOOKAHEAD_FMA_TARGET void momentum_loop_fused(S* slow, F* fast, S* momentum, int64_t n,
+LOOKAHEAD_VECTOR_TARGET void momentum_loop_fused(S* slow, F* fast, S* momentum, int64_t n,
                                               opmath_t lr, opmath_t mu) {
   momentum_loop<true, kNesterov>(slow, fast, momentum, n, lr, mu);
 }
@@ -64,18 +55,10 @@ void momentum_loop_unfused(S* slow, F* fast, S* momentum, int64_t n, opmath_t lr
   momentum_loop<false, kNesterov>(slow, fast, momentum, n, lr, mu);
 }
 
-// Whether torch's CPU kernels round a multiply-add once on this machine: on every capability but
-// DEFAULT (its non-vectorised build, used on CPUs without AVX2 or when ATEN_CPU_CAPABILITY=default
-// asks for it), so that torch.lerp stays the reference. The outer-momentum sync follows the same
+// Whether a multiply-add is rounded once: where torch's CPU kernels round it once too
+// (vector_target.h), so that torch.lerp stays the reference. The outer-momentum sync follows the same
 // choice, so it agrees with CUDA wherever torch.lerp does.
-bool fuses_multiply_add() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool fused = at::get_cpu_capability() != "DEFAULT";
-  return fused;
-#else
-  return true;  // the vector units of aarch64, POWER and s390x multiply-add in one rounding
-#endif
-}
+bool fuses_multiply_add() { return vector_target_enabled(); }
 
 template <typename S, typename F>
 void sync_flat(const std::vector<FlatItem>& items, double alpha) {

@@ -25,6 +25,7 @@ from lookahead_cuda.bench.report import (
     plot,
 )
 from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS
+from lookahead_cuda.settings import ALPHA_RANGE, MOMENTUM_RANGE, alpha_in_range, momentum_in_range
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,10 +171,10 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         parser.error("--threads must be at least 1")
     if args.k < 1:
         parser.error("--k must be at least 1")
-    if not 0.0 < args.alpha <= 1.0:
-        parser.error(f"--alpha must be in (0, 1], got {args.alpha}")
-    if not 0.0 <= args.momentum < 1.0:
-        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not alpha_in_range(args.alpha):
+        parser.error(f"--alpha must be in {ALPHA_RANGE}, got {args.alpha}")
+    if not momentum_in_range(args.momentum):
+        parser.error(f"--momentum must be in {MOMENTUM_RANGE}, got {args.momentum}")
     if args.misaligned and args.e2e:
         parser.error("--misaligned places the sync benchmark's tensors; --e2e times a model's own")
     try:
