@@ -339,15 +339,18 @@ def test_found_nonfinite_hears_every_thread_of_a_block(emulation):
     values = random_values(
         BLOCK * vectors_in_flight * width, torch.float32, np.random.default_rng(0)
     )
+    lost = []
     for thread in range(BLOCK):
         k = thread % vectors_in_flight
         tensor = values.clone()
         tensor[(thread + k * BLOCK) * width + thread % width] = [np.nan, np.inf, -np.inf][k % 3]
         found, counters = run_found_nonfinite(emulation, [tensor], 1)
-        assert found, f"thread {thread}'s value was lost"
-        assert counters["barriers"] == 1 and counters["barrier_ors"] == 1
+        if not found:
+            lost.append(thread)
+        assert counters.get("barriers") == 1 and counters.get("barrier_ors") == 1
+    assert not lost, f"the non-finite value of threads {lost} was lost"
     found, counters = run_found_nonfinite(emulation, [values], 1)
-    assert not found and counters["barrier_ors"] == 0
+    assert not found and counters.get("barrier_ors") == 0
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

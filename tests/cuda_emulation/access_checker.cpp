@@ -65,36 +65,33 @@ Extent* find_extent(uintptr_t address) {
   return &*it;
 }
 
-// Where an access went: the element it starts in, or how far outside the nearest tensor.
+// Where an access went: the element it starts in, or how far outside the nearest tensor of the
+// launch, in the allocation whose guard pages it hit if it hit any.
 std::string place(uintptr_t address) {
   if (const Extent* inside = find_extent(address)) {
     const uintptr_t offset = address - inside->spec.begin;
     return "byte " + std::to_string(offset % inside->spec.element_bytes) + " of " +
            element_name(*inside, static_cast<int64_t>(offset / inside->spec.element_bytes));
   }
-  const auto& extents = launch.extents;
-  auto after = std::upper_bound(extents.begin(), extents.end(), address,
-                                [](uintptr_t a, const Extent& e) { return a < e.spec.begin; });
+  uintptr_t low = 0;
+  uintptr_t high = UINTPTR_MAX;
+  const bool in_allocation = find_allocation(address, &low, &high);
   const Extent* nearest = nullptr;
-  std::string where;
   uintptr_t distance = UINTPTR_MAX;
-  if (after != extents.begin()) {
-    const Extent& before = *(after - 1);
-    distance = address - before.end;
-    nearest = &before;
-    where = " bytes past the end of ";
+  for (const Extent& extent : launch.extents) {
+    if (extent.end <= low || extent.spec.begin >= high) continue;
+    const uintptr_t d = address < extent.spec.begin ? extent.spec.begin - address
+                                                     : address - extent.end;
+    if (d < distance) {
+      distance = d;
+      nearest = &extent;
+    }
   }
-  if (after != extents.end() && after->spec.begin - address < distance) {
-    distance = after->spec.begin - address;
-    nearest = &*after;
-    where = " bytes before ";
-  }
-  if (nearest == nullptr || (distance > (1 << 20) && !in_device_memory(address))) {
-    return describe(address);
-  }
-  return std::to_string(distance) + where + "list " + std::to_string(nearest->spec.list) +
-         " of flat item " + std::to_string(nearest->spec.item) + " (" +
-         std::to_string(nearest->spec.numel) + " elements of " +
+  if (nearest == nullptr || (!in_allocation && distance > (1 << 20))) return describe(address);
+  return std::to_string(distance) +
+         (address < nearest->spec.begin ? " bytes before " : " bytes past the end of ") + "list " +
+         std::to_string(nearest->spec.list) + " of flat item " + std::to_string(nearest->spec.item) +
+         " (" + std::to_string(nearest->spec.numel) + " elements of " +
          std::to_string(nearest->spec.element_bytes) + " bytes)";
 }
 

@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("max_grid"), py::arg("expect") = std::vector<emulation::Expect>{},
            py::arg("blocks") = std::vector<int>{}, py::arg("threads") = std::vector<int>{},
-           py::arg("timeout_s") = 120.0, py::arg("table") = -1);
+           py::arg("timeout_s") = 60.0, py::arg("table") = -1);
   py::class_<emulation::PhantomRecord>(m, "PhantomRecord")
       .def_readonly("thread", &emulation::PhantomRecord::thread)
       .def_readonly("list", &emulation::PhantomRecord::list)

@@ -25,14 +25,15 @@ std::map<uintptr_t, Mapping>& mappings() {
   return all;
 }
 
-const Mapping* find(uintptr_t address, uintptr_t* begin) {
+constexpr size_t kGuardBefore = 64 << 10;
+constexpr size_t kGuardAfter = 1 << 20;
+
+const Mapping* find(uintptr_t address) {
   auto& all = mappings();
   auto it = all.upper_bound(address);
   if (it == all.begin()) return nullptr;
   --it;
-  if (address >= it->second.end) return nullptr;
-  *begin = it->first;
-  return &it->second;
+  return address < it->second.end ? &it->second : nullptr;
 }
 
 }  // namespace
@@ -43,14 +44,13 @@ at::Tensor guarded_empty(int64_t numel, c10::ScalarType dtype) {
   const size_t element = c10::elementSize(dtype);
   const size_t bytes = static_cast<size_t>(numel) * element;
   const size_t alignment = element == 1 ? 1 : 64;
-  const size_t data_pages = (bytes + alignment - 1 + page - 1) / page + (bytes == 0);
-  const size_t total = (data_pages + 2) * page;
-  void* memory = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const size_t data_bytes = ((bytes + alignment - 1 + page - 1) / page + (bytes == 0)) * page;
+  const size_t total = kGuardBefore + data_bytes + kGuardAfter;
+  void* memory = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   TORCH_CHECK(memory != MAP_FAILED, "cannot map ", total, " bytes");
   const auto begin = reinterpret_cast<uintptr_t>(memory);
-  mprotect(memory, page, PROT_NONE);
-  mprotect(reinterpret_cast<void*>(begin + total - page), page, PROT_NONE);
-  const uintptr_t data_end_limit = begin + total - page;
+  mprotect(reinterpret_cast<void*>(begin + kGuardBefore), data_bytes, PROT_READ | PROT_WRITE);
+  const uintptr_t data_end_limit = begin + kGuardBefore + data_bytes;
   const uintptr_t data = (data_end_limit - bytes) / alignment * alignment;
   std::memset(reinterpret_cast<void*>(data), 0xff, bytes);
   mappings()[begin] = {begin + total, data, data + bytes};
@@ -63,16 +63,18 @@ at::Tensor guarded_empty(int64_t numel, c10::ScalarType dtype) {
       at::TensorOptions().dtype(dtype));
 }
 
-bool in_device_memory(uintptr_t address) {
-  uintptr_t begin = 0;
-  return find(address, &begin) != nullptr;
+bool find_allocation(uintptr_t address, uintptr_t* begin, uintptr_t* end) {
+  const Mapping* mapping = find(address);
+  if (mapping == nullptr) return false;
+  *begin = mapping->data;
+  *end = mapping->data_end;
+  return true;
 }
 
 std::string describe(uintptr_t address) {
   std::ostringstream text;
   text << "0x" << std::hex << address << std::dec;
-  uintptr_t begin = 0;
-  const Mapping* mapping = find(address, &begin);
+  const Mapping* mapping = find(address);
   if (mapping == nullptr) {
     text << ", in no device memory and not the thread's own stack";
   } else if (address < mapping->data) {

@@ -13,11 +13,13 @@ namespace lookahead {
 namespace emulation {
 
 // A 1-D CPU tensor of numel elements filled with 0xff bytes (NaN), starting 64-byte aligned (as
-// CUDA's allocations do) and, for one-byte elements such as flags, ending right at a guard page.
+// CUDA's allocations do) and, for one-byte elements such as flags, ending right at the guard
+// pages; a megabyte of them follows it (more than a chunk of any dtype), 64 KB precede it.
 at::Tensor guarded_empty(int64_t numel, c10::ScalarType dtype);
 
-// Whether address lies in a guarded mapping, its guard pages included.
-bool in_device_memory(uintptr_t address);
+// The bytes [*begin, *end) of the allocation whose mapping (guard pages included) holds address;
+// false if none does.
+bool find_allocation(uintptr_t address, uintptr_t* begin, uintptr_t* end);
 
 // What is at address: "0x...: a guard page after a mapping", "... no device memory".
 std::string describe(uintptr_t address);

@@ -26,7 +26,7 @@ struct LaunchOptions {
   // What resident_blocks() gives on a GPU: its SMs times the blocks of the kernel each one holds.
   int max_grid = 1;
   Selection selection;
-  double timeout_s = 120;
+  double timeout_s = 60;
   std::vector<Expect> expect;  // per list
   bool phantom = false;        // the items' addresses are never dereferenced (access_checker.h)
   int only_table = -1;         // the one table to launch; -1: every one
