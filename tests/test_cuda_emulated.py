@@ -24,8 +24,9 @@ BLOCK = 512
 PARAMETER_BYTES = 32764  # CUDA 12.1+'s kernel parameter space
 TABLE_CAPACITY = {2: 1167, 3: 908, 1: 1634}  # tensors per launch, by lists
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-ONE = 1  # a grid of one block: its grid-stride loop visits every chunk
-THREE = 3
+# Grids smaller than the chunks: each block's grid-stride loop makes several trips.
+ONE_BLOCK = 1
+THREE_BLOCKS = 3
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_sync_on_every_boundary_of_the_chunks(emulation, pair, alpha):
 
 
 @pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.float32, torch.float16)])
-@pytest.mark.parametrize("grid", [ONE, THREE])
+@pytest.mark.parametrize("grid", [ONE_BLOCK, THREE_BLOCKS])
 def test_sync_on_grids_smaller_than_the_chunks(emulation, pair, grid):
     sizes = boundary_sizes(vector_width(*pair))
     counters = run_sync(emulation, pair, sizes, 0.5, grid)
@@ -202,7 +203,7 @@ def test_sync_peels_a_head_off_views_equally_misaligned(emulation, pair):
     width = vector_width(*pair)
     sizes = [n for _ in range(1, width) for n in misaligned_sizes(width)]
     offsets = [(o, o) for o in range(1, width) for _ in misaligned_sizes(width)]
-    counters = run_sync(emulation, pair, sizes, 0.5, THREE, offsets)
+    counters = run_sync(emulation, pair, sizes, 0.5, THREE_BLOCKS, offsets)
     assert counters["head_elements"] and counters["vector_elements"] and counters["tail_elements"]
 
 
@@ -213,7 +214,7 @@ def test_sync_refuses_the_peel_for_views_misaligned_differently(emulation, pair)
     offsets = [(0, 1)] * len(misaligned_sizes(width)) + [(1, width - 1 if width > 2 else 0)] * len(
         misaligned_sizes(width)
     )
-    counters = run_sync(emulation, pair, sizes, 0.5, THREE, offsets)
+    counters = run_sync(emulation, pair, sizes, 0.5, THREE_BLOCKS, offsets)
     assert counters["vector_loads"] == 0 and counters["scalar_only_elements"]
 
 
@@ -292,7 +293,7 @@ def test_momentum_sync_on_misaligned_views_and_a_tiny_grid(emulation, pair):
     width = vector_width(*pair)
     sizes = [n for _ in range(width) for n in misaligned_sizes(width)]
     offsets = [o for o in range(width) for _ in misaligned_sizes(width)]
-    counters = run_momentum_sync(emulation, pair, sizes, True, ONE, offsets)
+    counters = run_momentum_sync(emulation, pair, sizes, True, ONE_BLOCK, offsets)
     assert counters["head_elements"] and counters["max_chunks_per_block"] > 1
 
 
@@ -375,7 +376,7 @@ def test_found_nonfinite_in_each_part_of_a_chunk(emulation, dtype, where):
 @pytest.mark.parametrize("due", [True, False])
 def test_found_nonfinite_when_due_or_not(emulation, due):
     tensor = torch.full((CHUNK + 3,), float("nan"))
-    found, counters = run_found_nonfinite(emulation, [tensor], THREE, due)
+    found, counters = run_found_nonfinite(emulation, [tensor], THREE_BLOCKS, due)
     assert found == due
     assert counters.get("barriers", 0) == (counters["blocks"] if due else 0)
 
@@ -402,7 +403,7 @@ def test_sync_over_more_tensors_than_a_table_holds(emulation):
 def test_momentum_sync_over_more_tensors_than_a_table_holds(emulation):
     sizes = sizes_with_empties(TABLE_CAPACITY[3] + 2, 1)
     pair = (torch.float16, torch.float16)
-    counters = run_momentum_sync(emulation, pair, sizes, False, THREE)
+    counters = run_momentum_sync(emulation, pair, sizes, False, THREE_BLOCKS)
     assert counters["launches"] == 2
 
 
@@ -411,7 +412,7 @@ def test_found_nonfinite_over_more_tensors_than_a_table_holds(emulation):
     rng = np.random.default_rng(3)
     tensors = [random_values(n, torch.float64, rng) for n in sizes]
     tensors[-1][-1] = float("inf")  # in the second launch
-    found, counters = run_found_nonfinite(emulation, tensors, THREE)
+    found, counters = run_found_nonfinite(emulation, tensors, THREE_BLOCKS)
     assert found and counters["launches"] == 2
 
 
@@ -513,7 +514,10 @@ def test_chunk_search_and_offsets_beyond_int32(emulation, numels, grid_from_tota
 def test_the_checks_report_each_kind_of_violation(emulation, fault, expect, message):
     tensors = [guarded(emulation, torch.ones(1000))]
     report = emulation.faulty(
-        fault, tensors, flag(emulation, False), options(emulation, THREE, expect, timeout_s=1.0)
+        fault,
+        tensors,
+        flag(emulation, False),
+        options(emulation, THREE_BLOCKS, expect, timeout_s=1.0),
     )
     assert report.violation_count > 0
     assert message in report.violations[0], report.violations[0]

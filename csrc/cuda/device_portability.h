@@ -1,5 +1,5 @@
-// The CUDA language of the device code, for nvcc and for the host compiler. The kernels' device code
-// (multi_tensor_kernel.h, the Ops, element_math.h) is also compiled by the host compiler for
+// The CUDA language of the device code, for nvcc and for the host compiler. The kernels' device
+// code (multi_tensor_kernel.h, the Ops, element_math.h) is also compiled by the host compiler for
 // tests/cuda_emulation, which runs it on the CPU in an emulated grid: the same source, so that what
 // the tests check is what nvcc compiles. There (LOOKAHEAD_CUDA_EMULATION) the qualifiers mean
 // nothing, and the built-in variables and the block barrier are the emulator's, which sets them for

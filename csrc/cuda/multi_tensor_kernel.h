@@ -1,14 +1,14 @@
 // The project's own multi-tensor apply, its device code: one kernel launch visits every element of
-// one or more lists of tensors (slow and fast weights; momentum buffers; a list to check), calling an
-// Op that holds only the math on the elements at the same position in each list. The table it walks
-// is tensor_table.h's; the launch is multi_tensor_apply.cuh's.
+// one or more lists of tensors (slow and fast weights; momentum buffers; a list to check), calling
+// an Op that holds only the math on the elements at the same position in each list. The table it
+// walks is tensor_table.h's; the launch is multi_tensor_apply.cuh's.
 //
 // 16-byte vector accesses for the bulk of each chunk, a scalar loop for its tail, and a scalar head
 // for tensors that start off a vector boundary (a view such as flat[1:] into a packed buffer) when
 // every list starts the same number of elements off it: only a few elements lose speed.
 //
-// No shared memory, no data exchanged between threads and one block barrier (in an Op's finish): the
-// kernel runs unchanged in tests/cuda_emulation's emulated grid.
+// No shared memory, no data exchanged between threads and one block barrier (in an Op's finish):
+// the kernel runs unchanged in tests/cuda_emulation's emulated grid.
 #pragma once
 
 #include <algorithm>

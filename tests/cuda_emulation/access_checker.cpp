@@ -88,11 +88,12 @@ std::string place(uintptr_t address) {
     }
   }
   if (nearest == nullptr || (!in_allocation && distance > (1 << 20))) return describe(address);
+  const ExtentSpec& spec = nearest->spec;
   return std::to_string(distance) +
-         (address < nearest->spec.begin ? " bytes before " : " bytes past the end of ") + "list " +
-         std::to_string(nearest->spec.list) + " of flat item " + std::to_string(nearest->spec.item) +
-         " (" + std::to_string(nearest->spec.numel) + " elements of " +
-         std::to_string(nearest->spec.element_bytes) + " bytes)";
+         (address < spec.begin ? " bytes before " : " bytes past the end of ") + "list " +
+         std::to_string(spec.list) + " of flat item " + std::to_string(spec.item) + " (" +
+         std::to_string(spec.numel) + " elements of " + std::to_string(spec.element_bytes) +
+         " bytes)";
 }
 
 void record_phantom(const Extent& extent, uintptr_t address, bool write) {
@@ -255,7 +256,8 @@ VectorAccess::VectorAccess(uintptr_t dst, uintptr_t src, size_t bytes) {
     ++launch.vector_loads;
     const Extent* extent = find_extent(src);
     if (extent != nullptr && !launch.phantom) {
-      const auto index = static_cast<int64_t>((src - extent->spec.begin) / extent->spec.element_bytes);
+      const auto index =
+          static_cast<int64_t>((src - extent->spec.begin) / extent->spec.element_bytes);
       if (extent->reads[index] > 0 && extent->owner[index] == running_thread() + 1) {
         ++launch.clamped_loads;
       }

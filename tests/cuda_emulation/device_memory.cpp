@@ -46,7 +46,8 @@ at::Tensor guarded_empty(int64_t numel, c10::ScalarType dtype) {
   const size_t alignment = element == 1 ? 1 : 64;
   const size_t data_bytes = ((bytes + alignment - 1 + page - 1) / page + (bytes == 0)) * page;
   const size_t total = kGuardBefore + data_bytes + kGuardAfter;
-  void* memory = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* memory =
+      mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   TORCH_CHECK(memory != MAP_FAILED, "cannot map ", total, " bytes");
   const auto begin = reinterpret_cast<uintptr_t>(memory);
   mprotect(reinterpret_cast<void*>(begin + kGuardBefore), data_bytes, PROT_READ | PROT_WRITE);

@@ -8,7 +8,7 @@
 namespace lookahead {
 namespace emulation {
 
-Report emulate_found_nonfinite(const std::vector<at::Tensor>& tensors, const at::Tensor& found,
+Report emulate_found_nonfinite(const Tensors& tensors, const at::Tensor& found,
                                const std::optional<at::Tensor>& due, const LaunchOptions& options) {
   Report report;
   run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatItem>& flat) {

@@ -10,7 +10,7 @@
 
 #include <array>
 #include <cmath>
-#include <csetjmp>
+#include <setjmp.h>
 #include <numeric>
 #include <sstream>
 #include <vector>

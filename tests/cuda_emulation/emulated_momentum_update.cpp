@@ -8,7 +8,7 @@
 namespace lookahead {
 namespace emulation {
 
-Report emulate_momentum_update(const std::vector<at::Tensor>& slow, const std::vector<at::Tensor>& fast, const std::vector<at::Tensor>& momentum,
+Report emulate_momentum_update(const Tensors& slow, const Tensors& fast, const Tensors& momentum,
                                double lr, double mu, bool nesterov,
                                const std::optional<at::Tensor>& due,
                                const std::optional<at::Tensor>& restore,
@@ -24,7 +24,8 @@ Report emulate_momentum_update(const std::vector<at::Tensor>& slow, const std::v
     run_momentum_update_if(slow, fast, momentum, lr, mu, nesterov, *due, restore,
                            flat_kernel(gate_of(*due, restore)));
   } else {
-    run_momentum_update(slow, fast, momentum, lr, mu, nesterov, flat_kernel(Gate{nullptr, nullptr}));
+    run_momentum_update(slow, fast, momentum, lr, mu, nesterov,
+                        flat_kernel(Gate{nullptr, nullptr}));
   }
   return report;
 }

@@ -17,17 +17,19 @@
 namespace lookahead {
 namespace emulation {
 
-Report emulate_update(const std::vector<at::Tensor>& slow, const std::vector<at::Tensor>& fast, double alpha,
-                      const std::optional<at::Tensor>& due, const std::optional<at::Tensor>& restore,
-                      const LaunchOptions& options);
+using Tensors = std::vector<at::Tensor>;
 
-Report emulate_momentum_update(const std::vector<at::Tensor>& slow, const std::vector<at::Tensor>& fast, const std::vector<at::Tensor>& momentum,
+Report emulate_update(const Tensors& slow, const Tensors& fast, double alpha,
+                      const std::optional<at::Tensor>& due,
+                      const std::optional<at::Tensor>& restore, const LaunchOptions& options);
+
+Report emulate_momentum_update(const Tensors& slow, const Tensors& fast, const Tensors& momentum,
                                double lr, double mu, bool nesterov,
                                const std::optional<at::Tensor>& due,
                                const std::optional<at::Tensor>& restore,
                                const LaunchOptions& options);
 
-Report emulate_found_nonfinite(const std::vector<at::Tensor>& tensors, const at::Tensor& found,
+Report emulate_found_nonfinite(const Tensors& tensors, const at::Tensor& found,
                                const std::optional<at::Tensor>& due, const LaunchOptions& options);
 
 // One launch's table for two lists.
@@ -47,7 +49,7 @@ Report emulate_phantom_update(const std::vector<int64_t>& numels, const LaunchOp
 // A read-only launch over float32 tensors whose Op commits `fault`: "unwritten", "shared",
 // "out_of_bounds", "misaligned_vector", "divergent_barrier", "hang" or "fault"; `flag` is a
 // one-element bool tensor (false).
-Report emulate_faulty(const std::string& fault, const std::vector<at::Tensor>& tensors, const at::Tensor& flag,
+Report emulate_faulty(const std::string& fault, const Tensors& tensors, const at::Tensor& flag,
                       const LaunchOptions& options);
 
 }  // namespace emulation

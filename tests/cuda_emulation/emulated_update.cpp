@@ -33,9 +33,9 @@ std::vector<FlatItem> phantom_items(const std::vector<int64_t>& numels) {
 
 }  // namespace
 
-Report emulate_update(const std::vector<at::Tensor>& slow, const std::vector<at::Tensor>& fast, double alpha,
-                      const std::optional<at::Tensor>& due, const std::optional<at::Tensor>& restore,
-                      const LaunchOptions& options) {
+Report emulate_update(const Tensors& slow, const Tensors& fast, double alpha,
+                      const std::optional<at::Tensor>& due,
+                      const std::optional<at::Tensor>& restore, const LaunchOptions& options) {
   Report report;
   const auto flat_kernel = [&](Gate gate) {
     return [&, gate](const std::vector<FlatItem>& flat) {

@@ -83,7 +83,7 @@ struct FaultyOp : mta::ElementwiseOp {
 
 }  // namespace
 
-Report emulate_faulty(const std::string& fault, const std::vector<at::Tensor>& tensors, const at::Tensor& flag,
+Report emulate_faulty(const std::string& fault, const Tensors& tensors, const at::Tensor& flag,
                       const LaunchOptions& options) {
   Report report;
   TORCH_CHECK(tensors[0].scalar_type() == c10::kFloat && !flag.item<bool>(), "float32, flag false");
