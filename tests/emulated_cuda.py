@@ -29,7 +29,9 @@ FLAGS = [
     # The runtime's handlers are the emulation's own (undefined_behaviour.cpp).
     "-fsanitize=signed-integer-overflow,shift,bounds,integer-divide-by-zero",
 ]
-# LOOKAHEAD_EMULATION_COVERAGE=1 builds it for gcov instead: what of the device code the tests run.
+# LOOKAHEAD_EMULATION_COVERAGE=1 builds it for gcov instead, to see what of the device code the
+# tests run: after the tests, `gcov -l -p -o BUILD/X.o BUILD/X.cpp` for each object X of the build
+# folder (torch's extensions folder), and the csrc/ headers' .gcov files of all of them merged.
 COVERAGE_FLAGS = ["--coverage", "-O0"]
 
 H200_SMS = 132
