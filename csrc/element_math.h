@@ -31,11 +31,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T multiply_add(T a, T b, T c) {
 
 // The weight-dependent half of the lerp, decided once per call on the host: torch's scalar form,
 // which its CUDA kernel uses, coeff * (end - start) + base with coeff = w or -(1 - w). ATen's
-// vectorised CPU loops write the large form as (w - 1) * (end - start) + end instead: the same value
-// to the bit, except at w == 1, where w - 1 is +0 and -(1 - w) is -0, which flips the sign of a zero
-// result (0 * diff + end with end = -0). Which of its loops torch uses for an element depends on the
-// vector ISA, the thread count and the tensor's size, so torch's CPU results disagree among
-// themselves there; we always take the scalar form, so our CPU and CUDA kernels agree.
+// vectorised CPU loops write the large form as (w - 1) * (end - start) + end instead: the same
+// value to the bit, except at w == 1, where w - 1 is +0 and -(1 - w) is -0, which flips the sign
+// of a zero result (0 * diff + end with end = -0). Which of its loops torch uses for an element
+// depends on the vector ISA, the thread count and the tensor's size, so torch's CPU results
+// disagree among themselves there; we always take the scalar form, so our CPU and CUDA kernels
+// agree.
 template <typename opmath_t>
 struct LerpWeight {
   bool small;

@@ -1,6 +1,6 @@
 // The ops' schemas (op_declarations.h) and autograd kernels, and the Python module that carries
-// them. Backends: cpu/ and cuda/, one file per op; any_device.cpp for the rest (ATen one tensor at a
-// time) and for meta tensors (validation only, which is what torch.compile traces).
+// them. Backends: cpu/ and cuda/, one file per op; any_device.cpp for the rest (ATen one tensor
+// at a time) and for meta tensors (validation only, which is what torch.compile traces).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/extension.h>

@@ -46,3 +46,25 @@
   X(found_nonfinite_,                                                                            \
     "found_nonfinite_(Tensor[] tensors, Tensor(a!) found, Tensor? due=None) -> ()",              \
     void(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&))
+
+namespace lookahead {
+
+// The ops as values, for code written once per op (op_skeleton.h's OpSpec<Op::...>).
+enum class Op {
+#define LOOKAHEAD_OP_ENUMERATOR(name, schema, ...) name,
+  LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_OP_ENUMERATOR)
+#undef LOOKAHEAD_OP_ENUMERATOR
+};
+
+// Each op's C++ signature.
+template <Op>
+struct OpSignature;
+#define LOOKAHEAD_OP_SIGNATURE(name, schema, ...) \
+  template <>                                     \
+  struct OpSignature<Op::name> {                  \
+    using type = __VA_ARGS__;                     \
+  };
+LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_OP_SIGNATURE)
+#undef LOOKAHEAD_OP_SIGNATURE
+
+}  // namespace lookahead

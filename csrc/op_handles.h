@@ -9,12 +9,12 @@
 
 namespace lookahead {
 
-#define LOOKAHEAD_DECLARE_HANDLE(name, schema, ...)                                    \
-  inline const c10::TypedOperatorHandle<__VA_ARGS__>& name##op() {                    \
-    static const auto op = c10::Dispatcher::singleton()                               \
-                               .findSchemaOrThrow("lookahead_cuda::" #name, "")       \
-                               .typed<__VA_ARGS__>();                                 \
-    return op;                                                                         \
+#define LOOKAHEAD_DECLARE_HANDLE(name, schema, ...)                                       \
+  inline const c10::TypedOperatorHandle<OpSignature<Op::name>::type>& name##op() {       \
+    static const auto op = c10::Dispatcher::singleton()                                  \
+                               .findSchemaOrThrow("lookahead_cuda::" #name, "")          \
+                               .typed<OpSignature<Op::name>::type>();                    \
+    return op;                                                                            \
   }
 LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_DECLARE_HANDLE)
 #undef LOOKAHEAD_DECLARE_HANDLE

@@ -24,7 +24,7 @@ bool any_nonfinite(const T* __restrict__ x, int64_t n) {
 
 void found_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found,
                          const std::optional<at::Tensor>& due) {
-  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatItem>& flat) {
+  run<Op::found_nonfinite_>([&](const std::vector<FlatItem>& flat) {
     if (due && !due->item<bool>()) return;
     std::atomic<bool> bad{false};
     dispatch_dtype(tensors[0].scalar_type(), [&](auto tag) {
@@ -36,7 +36,7 @@ void found_nonfinite_cpu(at::TensorList tensors, const at::Tensor& found,
       });
     });
     if (bad.load()) found.fill_(true);
-  });
+  }, tensors, found, due);
 }
 
 }  // namespace

@@ -56,8 +56,8 @@ void momentum_loop_unfused(S* slow, F* fast, S* momentum, int64_t n, opmath_t lr
 }
 
 // Whether a multiply-add is rounded once: where torch's CPU kernels round it once too
-// (vector_target.h), so that torch.lerp stays the reference. The outer-momentum sync follows the same
-// choice, so it agrees with CUDA wherever torch.lerp does.
+// (vector_target.h), so that torch.lerp stays the reference. The outer-momentum sync follows the
+// same choice, so it agrees with CUDA wherever torch.lerp does.
 bool fuses_multiply_add() { return vector_target_enabled(); }
 
 template <typename S, typename F>
@@ -129,46 +129,44 @@ void gated_flat(at::TensorList slow, at::TensorList fast, const at::Tensor& due,
 }
 
 void lookahead_update_cpu(at::TensorList slow, at::TensorList fast, double alpha) {
-  run_update(slow, fast, alpha, [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_update_>([&](const std::vector<FlatItem>& flat) {
     dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto pair) {
       using Pair = decltype(pair);
       sync_flat<typename Pair::slow_t, typename Pair::fast_t>(flat, alpha);
     });
-  });
+  }, slow, fast, alpha);
 }
 
 void lookahead_update_if_cpu(at::TensorList slow, at::TensorList fast, double alpha,
                              const at::Tensor& due, const std::optional<at::Tensor>& restore) {
-  run_update_if(slow, fast, alpha, due, restore, [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_update_if_>([&](const std::vector<FlatItem>& flat) {
     gated_flat(slow, fast, due, restore, flat, [&](auto pair) {
       using Pair = decltype(pair);
       sync_flat<typename Pair::slow_t, typename Pair::fast_t>(flat, alpha);
     });
-  });
+  }, slow, fast, alpha, due, restore);
 }
 
 void lookahead_momentum_update_cpu(at::TensorList slow, at::TensorList fast,
                                    at::TensorList momentum, double lr, double mu, bool nesterov) {
-  run_momentum_update(slow, fast, momentum, lr, mu, nesterov,
-                      [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_momentum_update_>([&](const std::vector<FlatItem>& flat) {
     dispatch_dtype_pair(slow[0].scalar_type(), fast[0].scalar_type(), [&](auto pair) {
       using Pair = decltype(pair);
       momentum_flat<typename Pair::slow_t, typename Pair::fast_t>(flat, lr, mu, nesterov);
     });
-  });
+  }, slow, fast, momentum, lr, mu, nesterov);
 }
 
 void lookahead_momentum_update_if_cpu(at::TensorList slow, at::TensorList fast,
                                       at::TensorList momentum, double lr, double mu,
                                       bool nesterov, const at::Tensor& due,
                                       const std::optional<at::Tensor>& restore) {
-  run_momentum_update_if(slow, fast, momentum, lr, mu, nesterov, due, restore,
-                         [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_momentum_update_if_>([&](const std::vector<FlatItem>& flat) {
     gated_flat(slow, fast, due, restore, flat, [&](auto pair) {
       using Pair = decltype(pair);
       momentum_flat<typename Pair::slow_t, typename Pair::fast_t>(flat, lr, mu, nesterov);
     });
-  });
+  }, slow, fast, momentum, lr, mu, nesterov, due, restore);
 }
 
 }  // namespace

@@ -16,11 +16,11 @@ namespace {
 
 void found_nonfinite_cuda(at::TensorList tensors, const at::Tensor& found,
                           const std::optional<at::Tensor>& due) {
-  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatItem>& flat) {
+  run<Op::found_nonfinite_>([&](const std::vector<FlatItem>& flat) {
     const c10::cuda::CUDAGuard device_guard(found.device());
     launch_found_nonfinite(tensors[0].scalar_type(), due ? due->data_ptr<bool>() : nullptr,
                            found.data_ptr<bool>(), on_current_stream(flat));
-  });
+  }, tensors, found, due);
 }
 
 }  // namespace

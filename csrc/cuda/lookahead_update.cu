@@ -34,34 +34,32 @@ void momentum_flat(at::TensorList slow, at::TensorList fast, double lr, double m
 }
 
 void lookahead_update_cuda(at::TensorList slow, at::TensorList fast, double alpha) {
-  run_update(slow, fast, alpha, [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_update_>([&](const std::vector<FlatItem>& flat) {
     sync_flat(slow, fast, alpha, Gate{nullptr, nullptr}, flat);
-  });
+  }, slow, fast, alpha);
 }
 
 void lookahead_update_if_cuda(at::TensorList slow, at::TensorList fast, double alpha,
                               const at::Tensor& due, const std::optional<at::Tensor>& restore) {
-  run_update_if(slow, fast, alpha, due, restore, [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_update_if_>([&](const std::vector<FlatItem>& flat) {
     sync_flat(slow, fast, alpha, gate_of(due, restore), flat);
-  });
+  }, slow, fast, alpha, due, restore);
 }
 
 void lookahead_momentum_update_cuda(at::TensorList slow, at::TensorList fast,
                                     at::TensorList momentum, double lr, double mu, bool nesterov) {
-  run_momentum_update(slow, fast, momentum, lr, mu, nesterov,
-                      [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_momentum_update_>([&](const std::vector<FlatItem>& flat) {
     momentum_flat(slow, fast, lr, mu, nesterov, Gate{nullptr, nullptr}, flat);
-  });
+  }, slow, fast, momentum, lr, mu, nesterov);
 }
 
 void lookahead_momentum_update_if_cuda(at::TensorList slow, at::TensorList fast,
                                        at::TensorList momentum, double lr, double mu,
                                        bool nesterov, const at::Tensor& due,
                                        const std::optional<at::Tensor>& restore) {
-  run_momentum_update_if(slow, fast, momentum, lr, mu, nesterov, due, restore,
-                         [&](const std::vector<FlatItem>& flat) {
+  run<Op::lookahead_momentum_update_if_>([&](const std::vector<FlatItem>& flat) {
     momentum_flat(slow, fast, lr, mu, nesterov, gate_of(due, restore), flat);
-  });
+  }, slow, fast, momentum, lr, mu, nesterov, due, restore);
 }
 
 }  // namespace

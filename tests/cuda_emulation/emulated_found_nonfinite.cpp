@@ -11,10 +11,10 @@ namespace emulation {
 Report emulate_found_nonfinite(const Tensors& tensors, const at::Tensor& found,
                                const std::optional<at::Tensor>& due, const LaunchOptions& options) {
   Report report;
-  run_found_nonfinite(tensors, found, due, [&](const std::vector<FlatItem>& flat) {
+  run<Op::found_nonfinite_>([&](const std::vector<FlatItem>& flat) {
     launch_found_nonfinite(tensors[0].scalar_type(), due ? due->data_ptr<bool>() : nullptr,
                            found.data_ptr<bool>(), EmulatedLaunch(flat, options, report));
-  });
+  }, tensors, found, due);
   return report;
 }
 

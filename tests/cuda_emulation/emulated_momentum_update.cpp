@@ -21,11 +21,11 @@ Report emulate_momentum_update(const Tensors& slow, const Tensors& fast, const T
     };
   };
   if (due) {
-    run_momentum_update_if(slow, fast, momentum, lr, mu, nesterov, *due, restore,
-                           flat_kernel(gate_of(*due, restore)));
+    run<Op::lookahead_momentum_update_if_>(flat_kernel(gate_of(*due, restore)), slow, fast,
+                                           momentum, lr, mu, nesterov, *due, restore);
   } else {
-    run_momentum_update(slow, fast, momentum, lr, mu, nesterov,
-                        flat_kernel(Gate{nullptr, nullptr}));
+    run<Op::lookahead_momentum_update_>(flat_kernel(Gate{nullptr, nullptr}), slow, fast, momentum,
+                                        lr, mu, nesterov);
   }
   return report;
 }

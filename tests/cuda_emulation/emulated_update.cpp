@@ -44,9 +44,10 @@ Report emulate_update(const Tensors& slow, const Tensors& fast, double alpha,
     };
   };
   if (due) {
-    run_update_if(slow, fast, alpha, *due, restore, flat_kernel(gate_of(*due, restore)));
+    run<Op::lookahead_update_if_>(flat_kernel(gate_of(*due, restore)), slow, fast, alpha, *due,
+                                  restore);
   } else {
-    run_update(slow, fast, alpha, flat_kernel(Gate{nullptr, nullptr}));
+    run<Op::lookahead_update_>(flat_kernel(Gate{nullptr, nullptr}), slow, fast, alpha);
   }
   return report;
 }

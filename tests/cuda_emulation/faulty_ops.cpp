@@ -87,14 +87,14 @@ Report emulate_faulty(const std::string& fault, const Tensors& tensors, const at
                       const LaunchOptions& options) {
   Report report;
   TORCH_CHECK(tensors[0].scalar_type() == c10::kFloat && !flag.item<bool>(), "float32, flag false");
-  run_found_nonfinite(tensors, flag, std::nullopt, [&](const std::vector<FlatItem>& flat) {
+  run<Op::found_nonfinite_>([&](const std::vector<FlatItem>& flat) {
     const FaultyOp op{{},
                       fault_named(fault),
                       static_cast<Probe<float>*>(flat[0].data[0]),
                       flat[0].numel,
                       flag.data_ptr<bool>()};
     EmulatedLaunch(flat, options, report)(mta::Elements<float>{}, op);
-  });
+  }, tensors, flag, std::nullopt);
   return report;
 }
 
