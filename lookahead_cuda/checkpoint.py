@@ -20,6 +20,8 @@ import torch
 from lookahead_cuda import diloco
 from lookahead_cuda.keys import (
     FAST_PARAM,
+    IN_FLIGHT_AVERAGE,
+    IN_FLIGHT_RESTORE,
     OUTER_MOMENTUM,
     RESTORES,
     SETTINGS,
@@ -33,7 +35,6 @@ from lookahead_cuda.keys import (
     WORKER_FAST_PARAM,
 )
 from lookahead_cuda.ops import SUPPORTED_DTYPES
-from lookahead_cuda.settings import check_settings
 from lookahead_cuda.slow_copies import SlowCopies
 
 State = Mapping[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -45,6 +46,7 @@ def dump(
     state: State,
     fast_elsewhere: Mapping[torch.Tensor, torch.Tensor],
     slow_elsewhere: Mapping[torch.Tensor, torch.Tensor],
+    in_flight: Mapping[torch.Tensor, torch.Tensor | None],
     process_group: Any,
 ) -> dict[str, Any]:
     """The state dict: ``inner`` (the inner optimizer's) with Lookahead's tensors added.
@@ -57,6 +59,8 @@ def dump(
             loaded dict's, not yet put back), saved as ``lookahead_fast_param``.
         slow_elsewhere: the slow weights of parameters whose slow copies do not hold them
             (evaluation mode).
+        in_flight: for each parameter of a streamed fragment whose average had started, that
+            average (None: its sync is to restore).
         process_group: DiLoCo's workers, or None; with one, every worker's fast weights and inner
             state are gathered (a collective: every worker calls it), entries that only some
             workers hold marked as such.
@@ -75,6 +79,12 @@ def dump(
         if param in fast_elsewhere:
             # A copy: the tensor holding them may change roles (at opt.train(), at a step).
             entry[STATE_PREFIX + FAST_PARAM] = fast_elsewhere[param].clone()
+        if param in in_flight:
+            average = in_flight[param]
+            if average is None:
+                entry[STATE_PREFIX + IN_FLIGHT_RESTORE] = torch.tensor(True)
+            else:
+                entry[STATE_PREFIX + IN_FLIGHT_AVERAGE] = average.clone()
     if process_group is not None:
         local = {}
         for position, param in enumerate(params):
@@ -100,27 +110,30 @@ class Loaded:
         inner: what to give the inner optimizer's ``load_state_dict`` (:func:`load_inner`).
         state: Lookahead's per-parameter state, on the devices and in the dtypes it is used in.
         fast: the fast weights the dict carries (saved in evaluation mode), by parameter.
+        in_flight: a streamed fragment's average that had started, by parameter (None: to
+            restore), on the parameter's device in the slow weights' dtype.
     """
 
     inner: dict[str, Any]
     state: dict[torch.Tensor, dict[str, torch.Tensor]]
     fast: dict[torch.Tensor, torch.Tensor]
+    in_flight: dict[torch.Tensor, torch.Tensor | None]
 
 
 def parse(
     saved: Any,
     groups: Sequence[Mapping[str, Any]],
-    optimizer: torch.optim.Optimizer,
-    capturable: bool,
+    check_settings: Callable[[Mapping[str, Any], str], None],
     copies: SlowCopies,
     counter_home: Callable[[torch.Tensor], torch.device],
     worker: tuple[int, int] | None,
 ) -> Loaded:
     """Read ``saved`` (from :func:`dump`, or a bare inner optimizer's state dict, whose slow
-    weights are then taken afresh at the next step) for the param groups ``groups`` of a Lookahead
-    around ``optimizer``, or raise ``TypeError``/``ValueError`` naming the entry at fault.
+    weights are then taken afresh at the next step) for the param groups ``groups`` of a
+    Lookahead, or raise ``TypeError``/``ValueError`` naming the entry at fault.
 
     Args:
+        check_settings: ``check_settings(group, where)`` raises for a group's bad settings.
         copies: places the loaded slow copies.
         counter_home: where the count of the group starting with a parameter lives.
         worker: (rank, size) of this process in DiLoCo's group, or None: this worker's row of the
@@ -146,7 +159,7 @@ def parse(
                 f"the optimizer's has {len(group['params'])}"
             )
         merged = {**{key: group[key] for key in SETTINGS}, **saved_group}
-        check_settings(merged, f"loaded param group {index}", optimizer, capturable)
+        check_settings(merged, f"loaded param group {index}")
         merged_groups.append(merged)
 
     params = [p for group in groups for p in group["params"]]
@@ -158,7 +171,7 @@ def parse(
         for position, saved_id in enumerate(i for g in saved_groups for i in g["params"])
     }
 
-    loaded = Loaded({"state": {}, "param_groups": merged_groups}, {}, {})
+    loaded = Loaded({"state": {}, "param_groups": merged_groups}, {}, {}, {})
     for key, entry in saved_state.items():
         if not isinstance(entry, Mapping):
             raise TypeError(f"loaded state of parameter {key!r} is not a mapping")
@@ -199,6 +212,12 @@ def parse(
                 converted[name] = copies.copy(value, dtype, param)
             elif name == FAST_PARAM:
                 loaded.fast[param] = _weights(value, param, where)
+            elif name == IN_FLIGHT_AVERAGE:
+                value = _weights(value, param, where)
+                dtype = copies.dtype(group[SLOW_DTYPE], param, kept=value.dtype)
+                loaded.in_flight[param] = value.to(param.device, dtype, copy=True)
+            elif name == IN_FLIGHT_RESTORE:
+                loaded.in_flight[param] = None
             else:
                 raise ValueError(f"{where}: Lookahead keeps no such entry")
     return loaded

@@ -12,7 +12,8 @@ recompile on. Who reads it is decided in one place, :meth:`StepCounters.on_devic
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -83,17 +84,40 @@ class StepCounters:
             ours[STEP] = ours[STEP].to(skipped.device)
         ours[STEP] += 1 - skipped.to(ours[STEP].device, torch.int64)
 
-    def due(self, planned: Sequence[Entry]) -> tuple[list[Entry], list[Entry]]:
-        """Of ``planned``, the entries whose sync is due, read on the host (which waits for a
-        count on a device), and those decided on the device, due or not."""
+    def due(
+        self, planned: Sequence[Entry], fragments: int = 1
+    ) -> tuple[list[tuple[Entry, int, bool]], list[Entry]]:
+        """Of ``planned`` (entries whose second item is a param group, counted this step), the
+        syncs due, read on the host (which waits for a count on a device): (entry, fragment,
+        whether it ends the cycle and the count restarts); and the entries decided on the
+        device, due or not. With ``fragments`` F, fragment f of a group is due when its count
+        reaches (f + 1) * k / F; the last one ends the cycle (a count past k, after k was
+        lowered, ends it too)."""
         on_host, on_device = [], []
         for entry in planned:
             group = entry[1]
             if self.on_device(group):
                 on_device.append(entry)
-            elif self.of(group) >= group[K]:
-                on_host.append(entry)
+                continue
+            count, period = int(self.of(group)), group[K] // fragments
+            if count >= group[K]:
+                on_host.append((entry, fragments - 1, True))
+            elif count % period == 0 and count > 0:
+                on_host.append((entry, count // period - 1, False))
         return on_host, on_device
+
+    def starting(
+        self, planned: Sequence[Entry], fragments: int, delay: int
+    ) -> list[tuple[Entry, int]]:
+        """Of ``planned``, the (entry, fragment) whose sync is ``delay`` steps away: a streamed
+        fragment's average starts then (its count reached (f + 1) * k / F - delay)."""
+        starting = []
+        for entry in planned:
+            group = entry[1]
+            count, period = int(self.of(group)), group[K] // fragments
+            if delay > 0 and count < group[K] and (count + delay) % period == 0:
+                starting.append((entry, (count + delay) // period - 1))
+        return starting
 
     def due_on_device(self, group: Mapping[str, Any]) -> torch.Tensor:
         """Whether the group's sync is due, as a one-element bool tensor where the count is."""
@@ -104,11 +128,15 @@ class StepCounters:
         group: Mapping[str, Any],
         due: torch.Tensor | None,
         restored: torch.Tensor | None,
+        ends_cycle: bool = True,
     ) -> None:
-        """After a sync (where ``due`` holds, if given): the count starts again, and a sync that
-        restored instead (``restored``) is counted."""
+        """After a sync (where ``due`` holds, if given): the count starts again if the sync
+        ``ends_cycle`` (its last fragment's), and a sync that restored instead (``restored``)
+        is counted."""
         counter = self.of(group)
-        if due is None:
+        if not ends_cycle:
+            pass
+        elif due is None:
             counter.zero_()
         else:
             counter.masked_fill_(due.to(counter.device), 0)
@@ -120,6 +148,23 @@ class StepCounters:
                 RESTORES, torch.zeros((), dtype=torch.int64, device=first.device)
             )
             count.add_(restored.to(count.device, torch.int64))
+
+    @contextlib.contextmanager
+    def kept_on_failure(self, groups: Iterable[Mapping[str, Any]]) -> Iterator[None]:
+        """The host counts of ``groups`` as they were before the block, if the block raises: a
+        step whose sync failed (a collective that timed out, say) is counted again when tried
+        again, and its sync with it."""
+        saved = [
+            (group, self.of(group).clone())
+            for group in groups
+            if self.of(group).device.type == "cpu"
+        ]
+        try:
+            yield
+        except BaseException:
+            for group, count in saved:
+                self._state[group["params"][0]][STEP] = count
+            raise
 
     def restores(self, groups: Iterable[Mapping[str, Any]]) -> int:
         """Syncs that restored, summed over ``groups``; reading it waits for the device."""

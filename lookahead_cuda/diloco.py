@@ -23,21 +23,106 @@ AVERAGED_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 class Workers:
-    """The DiLoCo group of one Lookahead, shared by the parts that talk to it.
+    """The DiLoCo group of one Lookahead and how its syncs are streamed, shared by the parts that
+    talk to it. The constructor's arguments are checked here (``ValueError``/``TypeError``).
 
     Attributes:
         group: the torch.distributed process group, or None (no DiLoCo). It does not travel with
             a pickled or copied optimizer: set ``opt.process_group`` again.
         pseudo_gradient_dtype: the dtype the average travels in (None: the slow dtype).
+        fragments: how many fragments each param group's syncs are streamed in (1: all at once).
+        sync_delay: inner steps between the start of a fragment's average and its outer step.
+        fragment_mixing: with a delay, the weight of a worker's own fast weights against the
+            new global ones when its fragment's outer step is taken.
     """
 
-    def __init__(self, group: Any, pseudo_gradient_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        group: Any,
+        pseudo_gradient_dtype: torch.dtype | None,
+        capturable: bool,
+        fragments: int | Sequence[Sequence[torch.Tensor]] = 1,
+        sync_delay: int = 0,
+        fragment_mixing: float = 0.5,
+    ) -> None:
+        _check_arguments(group, pseudo_gradient_dtype, capturable)
+        self._assigned: dict[int, int] | None = None  # id(parameter) -> fragment, when given
+        if isinstance(fragments, int) and not isinstance(fragments, bool):
+            if fragments < 1:
+                raise ValueError(f"Invalid fragments: {fragments!r}; expected an integer >= 1")
+            count = fragments
+        elif isinstance(fragments, Sequence) and fragments and not isinstance(fragments, str):
+            self._assigned = _assignment(fragments)
+            count = len(fragments)
+        else:
+            raise TypeError(
+                f"Invalid fragments: {fragments!r}; expected a number of fragments, or a list of "
+                "lists of parameters (every parameter in exactly one)"
+            )
+        if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
+            raise ValueError(f"Invalid sync_delay: {sync_delay!r}; expected an integer >= 0")
+        mixing_ok = isinstance(fragment_mixing, (int, float)) and not isinstance(
+            fragment_mixing, bool
+        )
+        if not (mixing_ok and 0.0 <= fragment_mixing <= 1.0):
+            raise ValueError(
+                f"Invalid fragment_mixing: {fragment_mixing!r}; expected a number in [0, 1]"
+            )
+        if group is None and (count != 1 or sync_delay != 0):
+            raise ValueError(
+                "fragments and sync_delay stream the syncs of DiLoCo's workers; they need a "
+                "process_group"
+            )
         self.group = group
         self.pseudo_gradient_dtype = pseudo_gradient_dtype
+        self.fragments = count
+        self.sync_delay = sync_delay
+        self.fragment_mixing = float(fragment_mixing)
 
     def options(self) -> dict[str, Any]:
         """The constructor's DiLoCo arguments, which every worker must give alike."""
-        return {"pseudo_gradient_dtype": self.pseudo_gradient_dtype}
+        return {
+            "pseudo_gradient_dtype": self.pseudo_gradient_dtype,
+            "fragments": self.fragments,
+            "sync_delay": self.sync_delay,
+            "fragment_mixing": self.fragment_mixing,
+        }
+
+    def check_period(self, k: int, where: str) -> None:
+        """Raise unless k inner steps hold the fragments' syncs, each with its delay."""
+        if k % self.fragments:
+            raise ValueError(
+                f"Invalid k in {where}: {k}; with {self.fragments} fragments it must be a multiple "
+                f"of {self.fragments}, so that fragment f syncs every k steps, at (f + 1) * k / "
+                f"{self.fragments}"
+            )
+        if self.sync_delay >= k // self.fragments:
+            raise ValueError(
+                f"Invalid sync_delay {self.sync_delay} for k = {k} in {where}: a fragment's "
+                f"average must start after the previous fragment's sync, so sync_delay < k / "
+                f"fragments = {k // self.fragments}"
+            )
+
+    def fragment_of(self, group_index: int, params: Sequence[torch.Tensor]) -> list[int]:
+        """The fragment of each parameter of a param group: the given lists', or, for a number
+        of fragments, contiguous runs of about equal bytes in the group's order."""
+        if self._assigned is not None:
+            missing = [j for j, p in enumerate(params) if id(p) not in self._assigned]
+            if missing:
+                raise ValueError(
+                    f"fragments: {parameter_name(group_index, missing[0])} is in no fragment; "
+                    "every parameter must be in exactly one"
+                )
+            return [self._assigned[id(p)] for p in params]
+        sizes = [p.numel() * p.element_size() for p in params]
+        total = sum(sizes) or 1
+        fragments, before = [], 0
+        for size in sizes:
+            # The fragment where the middle of this tensor's bytes falls.
+            middle = (before + size / 2) / total
+            fragments.append(min(self.fragments - 1, int(middle * self.fragments)))
+            before += size
+        return fragments
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "group": None}
@@ -59,10 +144,26 @@ class Workers:
         raise ValueError(_disagreement(reports)) from failure
 
 
-def check_arguments(
+def _assignment(fragments: Sequence[Sequence[torch.Tensor]]) -> dict[int, int]:
+    assigned: dict[int, int] = {}
+    for f, fragment in enumerate(fragments):
+        if isinstance(fragment, torch.Tensor) or not isinstance(fragment, Sequence):
+            raise TypeError(f"fragments[{f}] is a {type(fragment).__name__}, not a list of tensors")
+        for i, param in enumerate(fragment):
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(f"fragments[{f}][{i}] is a {type(param).__name__}, not a tensor")
+            if id(param) in assigned:
+                raise ValueError(
+                    f"fragments[{f}][{i}] is also in fragments[{assigned[id(param)]}]; every "
+                    "parameter must be in exactly one fragment"
+                )
+            assigned[id(param)] = f
+    return assigned
+
+
+def _check_arguments(
     process_group: Any, pseudo_gradient_dtype: torch.dtype | None, capturable: bool
 ) -> None:
-    """Raise unless the constructor's DiLoCo arguments can work together."""
     if process_group is None:
         if pseudo_gradient_dtype is not None:
             raise ValueError(

@@ -31,7 +31,7 @@ placements, so the shards pair up element by element and nothing is gathered. Ex
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ from lookahead_cuda.settings import MOMENTUM_RANGE, momentum_in_range
 
 __all__ = [
     "AVERAGE_BUCKET_BYTES",
+    "Averaging",
     "Bucket",
     "BucketKey",
     "average_over_workers",
@@ -60,6 +61,7 @@ __all__ = [
     "merge_buckets",
     "mesh_group",
     "nonfinite_flag",
+    "start_average",
     "sync_buckets",
 ]
 
@@ -327,6 +329,71 @@ def _sync_offloaded(
 AVERAGE_BUCKET_BYTES = 25 << 20
 
 
+@dataclass
+class Averaging:
+    """An average over the processes of a group, started by :func:`start_average`: the flat
+    buffers in the collectives (each a run of one bucket's tensors, as this process sent them)
+    and the collectives' handles (None: already done)."""
+
+    runs: list[tuple[Bucket, list[int], torch.Tensor, Any]]
+    world: int
+    pseudo_gradient_dtype: torch.dtype | None
+
+    def wait(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(fast tensor, the mean over the processes of what they sent for it), for every fast
+        tensor: the mean of the fast weights in the slow dtype, or, with a
+        ``pseudo_gradient_dtype``, ``slow - mean`` of the pseudo-gradients. Waits for each
+        collective."""
+        for bucket, run, flat, work in self.runs:
+            if work is not None:
+                work.wait()
+            flat.div_(self.world)
+            offset = 0
+            for i in run:
+                fast, slow = bucket.fast[i], bucket.slow[i].to(bucket.fast[i].device)
+                mean = flat[offset : offset + fast.numel()].view(fast.shape)
+                offset += fast.numel()
+                yield (
+                    fast,
+                    (mean if self.pseudo_gradient_dtype is None else slow - mean.to(slow.dtype)),
+                )
+
+
+def start_average(
+    buckets: Buckets,
+    group: Any,
+    *,
+    pseudo_gradient_dtype: torch.dtype | None = None,
+    bucket_bytes: int = AVERAGE_BUCKET_BYTES,
+    async_op: bool = False,
+) -> Averaging:
+    """Start averaging what every process of ``group`` sends for the fast tensors of ``buckets``:
+    the fast weights in the slow dtype, or their pseudo-gradients ``slow - fast`` in
+    ``pseudo_gradient_dtype``, in flat all-reduces of about ``bucket_bytes`` each. What is sent is
+    copied first, so the fast tensors may change meanwhile (``async_op``: return before the
+    collectives end, as a streamed fragment's average does while the inner steps go on)."""
+    import torch.distributed as dist
+
+    runs = []
+    for bucket in buckets.values():
+        if not bucket.fast:
+            continue
+        dtype = pseudo_gradient_dtype or bucket.slow[0].dtype
+        sizes = [f.numel() * dtype.itemsize for f in bucket.fast]
+        for run in runs_by_bytes(sizes, bucket_bytes):
+            fast = [bucket.fast[i] for i in run]
+            if pseudo_gradient_dtype is None:
+                flat = torch.cat([f.reshape(-1).to(dtype) for f in fast])
+            else:
+                slow = [bucket.slow[i].to(fast[0].device, non_blocking=True) for i in run]
+                flat = torch.cat(
+                    [(s - f.to(s.dtype)).reshape(-1).to(dtype) for s, f in zip(slow, fast)]
+                )
+            work = dist.all_reduce(flat, group=group, async_op=async_op)
+            runs.append((bucket, list(run), flat, work))
+    return Averaging(runs, dist.get_world_size(group), pseudo_gradient_dtype)
+
+
 def average_over_workers(
     buckets: Buckets,
     group: Any,
@@ -344,30 +411,13 @@ def average_over_workers(
     with a dtype (``torch.bfloat16`` halves fp32's bytes; DiLoCo reports no loss from it) the
     pseudo-gradients travel in it and the fast weights become ``slow - mean``.
     """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    for bucket in buckets.values():
-        if not bucket.fast:
-            continue
-        dtype = pseudo_gradient_dtype or bucket.slow[0].dtype
-        sizes = [f.numel() * dtype.itemsize for f in bucket.fast]
-        for run in runs_by_bytes(sizes, bucket_bytes):
-            fast = [bucket.fast[i] for i in run]
-            slow = [bucket.slow[i].to(fast[0].device, non_blocking=True) for i in run]
-            if pseudo_gradient_dtype is None:
-                flat = torch.cat([f.reshape(-1).to(dtype) for f in fast])
-            else:
-                flat = torch.cat(
-                    [(s - f.to(s.dtype)).reshape(-1).to(dtype) for s, f in zip(slow, fast)]
-                )
-            dist.all_reduce(flat, group=group)
-            flat.div_(world)
-            offset = 0
-            for s, f in zip(slow, fast):
-                mean = flat[offset : offset + f.numel()].view(f.shape)
-                offset += f.numel()
-                f.copy_(mean if pseudo_gradient_dtype is None else s - mean.to(s.dtype))
+    averaging = start_average(
+        buckets, group, pseudo_gradient_dtype=pseudo_gradient_dtype, bucket_bytes=bucket_bytes
+    )
+    # Every collective ends before any fast tensor changes: a failed one leaves them all as they
+    # were.
+    for fast, mean in list(averaging.wait()):
+        fast.copy_(mean)
 
 
 def nonfinite_flag(

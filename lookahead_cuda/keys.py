@@ -47,6 +47,11 @@ STATE_PREFIX = "lookahead_"
 # Only in a state dict taken in evaluation mode, where the parameters hold the slow weights: the
 # fast weights.
 FAST_PARAM = "fast_param"
+# Only when a streamed fragment's average was in flight (Lookahead(sync_delay=...)): the average,
+# in the slow dtype, for each parameter of the fragment, or that its sync is to restore instead.
+# The same on every worker, so not stacked.
+IN_FLIGHT_AVERAGE = "in_flight_average"
+IN_FLIGHT_RESTORE = "in_flight_restore"
 # Only with a process group (DiLoCo), where each worker's replica differs between syncs: every
 # worker's fast weights and inner optimizer state, stacked along a first dimension of the group's
 # size, so that one process can save the dict and every process resume its own replica from it.

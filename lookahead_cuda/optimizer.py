@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -151,6 +151,9 @@ class Lookahead(Optimizer):
         nesterov: bool = True,
         process_group: Any = None,
         pseudo_gradient_dtype: torch.dtype | None = None,
+        fragments: int | Sequence[Sequence[torch.Tensor]] = 1,
+        sync_delay: int = 0,
+        fragment_mixing: float = 0.5,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -162,22 +165,21 @@ class Lookahead(Optimizer):
         settings = dict(zip(SETTINGS, values))
         if not isinstance(capturable, bool):
             raise TypeError(f"Invalid capturable: {capturable!r}; expected True or False")
-        check_settings(settings, "Lookahead()", optimizer, capturable)
+        self._workers = diloco.Workers(
+            process_group, pseudo_gradient_dtype, capturable, fragments, sync_delay, fragment_mixing
+        )
         self._copies = SlowCopies(slow_device, capturable)
-        diloco.check_arguments(process_group, pseudo_gradient_dtype, capturable)
-        for group in optimizer.param_groups:
-            check_settings(
-                {**settings, **group}, "a param group of the inner optimizer", optimizer, capturable
-            )
-
         self.optimizer = optimizer
         self.capturable = capturable
+        self._check_settings(settings, "Lookahead()")
+        for group in optimizer.param_groups:
+            self._check_settings({**settings, **group}, "a param group of the inner optimizer")
+
         self.slow_device = self._copies.slow_device
         #: Lookahead's own per-parameter state: ``slow_param``, ``outer_momentum``, the pullback
         #: buffers' slow copies (``slow_exp_avg``, ...), and in each group's first parameter the
         #: ``step`` counter (and with ``nonfinite="restore"``, the ``nonfinite_restores`` count).
         self.lookahead_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
-        self._workers = diloco.Workers(process_group, pseudo_gradient_dtype)
         self._counters = StepCounters(self.lookahead_state, capturable)
         self._planner = Planner(self.lookahead_state, self._copies, self._counters, self._workers)
         offload = StagingBuffers() if self.slow_device is not None else None
@@ -273,9 +275,7 @@ class Lookahead(Optimizer):
         default to the constructor's. Its slow weights are taken at the next :meth:`step`."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
-        check_settings(
-            {**self.defaults, **param_group}, "the new param group", self.optimizer, self.capturable
-        )
+        self._check_settings({**self.defaults, **param_group}, "the new param group")
         for key in SETTINGS:
             param_group.setdefault(key, self.defaults[key])
         if not self._adopting:
@@ -320,17 +320,23 @@ class Lookahead(Optimizer):
             getattr(self, "grad_scale", None),
             self._inner_handles_grad_scaler,
         )
-        with torch.no_grad():
-            # Workers that skipped different steps would call the sync's collective at different
-            # steps, so under a process group every step counts.
-            skipped = found_inf if self.process_group is None else None
-            for _, group, _ in planned:
+        # Workers that skipped different steps would call the sync's collective at different
+        # steps, so under a process group every step counts.
+        skipped = found_inf if self.process_group is None else None
+        groups = [group for _, group, _ in planned]
+        with torch.no_grad(), self._counters.kept_on_failure(groups), self._outer_step.kept():
+            for group in groups:
                 self._counters.count(group, skipped)
-            on_host, on_device = self._counters.due(planned)
+            on_host, on_device = self._counters.due(planned, self._workers.fragments)
             if on_host:
                 self._outer_step.run(on_host, gated=False)
             if on_device:
-                self._outer_step.run(on_device, gated=True)
+                self._outer_step.run([(entry, None, True) for entry in on_device], gated=True)
+            if self._workers.sync_delay:
+                starting = self._counters.starting(
+                    planned, self._workers.fragments, self._workers.sync_delay
+                )
+                self._outer_step.start(starting)
         return loss
 
     def _before_inner_step(self, closure: Callable[[], float] | None) -> Callable[[], float] | None:
@@ -342,7 +348,9 @@ class Lookahead(Optimizer):
         """Run the slow update now for every param group, and restart their k counts."""
         self._mode.check_training("sync")
         with torch.no_grad():
-            self._outer_step.run(self._planned(lambda group: True), gated=False)
+            self._outer_step.finish_in_flight()
+            planned = self._planned(lambda group: True)
+            self._outer_step.run([(entry, None, True) for entry in planned], gated=False)
 
     @property
     def nonfinite_restores(self) -> int:
@@ -363,8 +371,12 @@ class Lookahead(Optimizer):
         return self._planner.planned(
             self.param_groups,
             may_sync,
-            lambda group, where: check_settings(group, where, self.optimizer, self.capturable),
+            self._check_settings,
         )
+
+    def _check_settings(self, settings: Mapping[str, Any], where: str) -> None:
+        check_settings(settings, where, self.optimizer, self.capturable)
+        self._workers.check_period(settings[K], where)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -382,6 +394,7 @@ class Lookahead(Optimizer):
             self.lookahead_state,
             self._mode.fast_elsewhere(),
             {param: slow for param, (slow, _) in self._mode.slow_and_fast().items()},
+            self._outer_step.in_flight(),
             self.process_group,
         )
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -405,8 +418,7 @@ class Lookahead(Optimizer):
         loaded = checkpoint.parse(
             state_dict,
             self.param_groups,
-            self.optimizer,
-            self.capturable,
+            self._check_settings,
             self._copies,
             self._counters.home,
             diloco.worker_of(self.process_group),
@@ -415,6 +427,8 @@ class Lookahead(Optimizer):
         self._mode.loaded(loaded.fast)  # committed: nothing below fails
         self.lookahead_state.clear()
         self.lookahead_state.update(loaded.state)
+        self._outer_step.finish_in_flight()
+        self._outer_step.resume(loaded.in_flight)
         self._planner.forget()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

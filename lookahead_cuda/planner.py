@@ -53,6 +53,8 @@ class GroupPlan:
         params: the group's tensors, as planned.
         weights: their (slow weights, parameter) buckets, with the outer momentum buffers when the
             group has momentum, each tensor named after its parameter.
+        fragments: the same pairs split by DiLoCo's fragments, one Buckets per fragment (just
+            ``weights`` when there is one), and ``fragment_of`` each parameter's fragment.
         with_momentum: whether the buckets carry momentum buffers.
         sharded_over: the process group of FSDP2's mesh when the parameters are DTensors (the
             processes must agree on a restore), None otherwise.
@@ -61,6 +63,8 @@ class GroupPlan:
 
     params: tuple[torch.Tensor, ...]
     weights: functional.Buckets
+    fragments: list[functional.Buckets]
+    fragment_of: list[int]
     with_momentum: bool
     sharded_over: Any
     validated: Any = None
@@ -225,16 +229,23 @@ class Planner:
                     if OUTER_MOMENTUM not in ours:
                         ours[OUTER_MOMENTUM] = torch.zeros_like(ours[SLOW_PARAM])
         self._counters.ensure(group, restores=group[NONFINITE] == "restore")
-        return GroupPlan(
-            tuple(params),
-            functional.bucket_pairs(
-                ((self._state[p][SLOW_PARAM], p) for p in params),
-                (parameter_name(index, j) for j in range(len(params))),
-                (self._state[p][OUTER_MOMENTUM] for p in params) if momentum else None,
-            ),
-            momentum,
-            sharded_over,
-        )
+
+        def buckets(indices: list[int]) -> functional.Buckets:
+            return functional.bucket_pairs(
+                ((self._state[params[j]][SLOW_PARAM], params[j]) for j in indices),
+                (parameter_name(index, j) for j in indices),
+                (self._state[params[j]][OUTER_MOMENTUM] for j in indices) if momentum else None,
+            )
+
+        weights = buckets(list(range(len(params))))
+        fragment_of = self._workers.fragment_of(index, params)
+        fragments = [weights]
+        if self._workers.fragments > 1:
+            fragments = [
+                buckets([j for j, g in enumerate(fragment_of) if g == f])
+                for f in range(self._workers.fragments)
+            ]
+        return GroupPlan(tuple(params), weights, fragments, fragment_of, momentum, sharded_over)
 
     def _follow(self, group: dict[str, Any]) -> bool:
         """Move the group's slow weights (and outer momentum) to their parameter's home, in a

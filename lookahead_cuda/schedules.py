@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from lookahead_cuda.keys import ALPHA, K
 from lookahead_cuda.optimizer import Lookahead
-from lookahead_cuda.settings import ALPHA_RANGE, alpha_in_range, check_settings
+from lookahead_cuda.settings import ALPHA_RANGE, alpha_in_range
 
 T = TypeVar("T")
 
@@ -81,11 +81,9 @@ class LookaheadScheduler:
                 f"ks for {len(groups)} param groups"
             )
         for index, (group, alpha, k) in enumerate(zip(groups, alphas, ks)):
-            check_settings(
+            self.optimizer._check_settings(
                 {**group, ALPHA: alpha, K: k},
                 f"{type(self).__name__} at epoch {epoch}, param group {index}",
-                self.optimizer.optimizer,
-                self.optimizer.capturable,
             )
         for group, alpha, k in zip(groups, alphas, ks):
             group[ALPHA] = alpha

@@ -119,8 +119,8 @@ class HasSettings(Protocol):
 
     param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
-    optimizer: torch.optim.Optimizer
-    capturable: bool
+
+    def _check_settings(self, settings: Mapping[str, Any], where: str) -> None: ...
 
 
 class GroupSetting:
@@ -157,7 +157,7 @@ class GroupSetting:
         if self.check is not None:
             self.check(value, where)
         else:
-            check_settings({**opt.defaults, self.key: value}, where, opt.optimizer, opt.capturable)
+            opt._check_settings({**opt.defaults, self.key: value}, where)
         opt.defaults[self.key] = value
         for group in opt.param_groups:
             group[self.key] = value

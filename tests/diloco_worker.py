@@ -10,6 +10,7 @@ distributed_worker.py).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ SETTINGS = {"k": K, "alpha": 0.7, "momentum": 0.9}
 LR = 0.05
 
 
-def build(**extra) -> tuple[nn.Module, Lookahead]:
+def build(**extra: Any) -> tuple[nn.Module, Lookahead]:
     model = make_model()
     if dist.get_rank() != 0:
         # A different start on every other process: Lookahead starts every replica from process
@@ -38,7 +39,7 @@ def build(**extra) -> tuple[nn.Module, Lookahead]:
             for p in model.parameters():
                 p.add_(float(dist.get_rank()))
     inner = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    return model, Lookahead(inner, process_group=dist.group.WORLD, **SETTINGS, **extra)
+    return model, Lookahead(inner, process_group=dist.group.WORLD, **{**SETTINGS, **extra})
 
 
 def state(model: nn.Module, opt: Lookahead) -> dict:
@@ -52,32 +53,55 @@ def state(model: nn.Module, opt: Lookahead) -> dict:
     }
 
 
+# With k = 4 and fragments=2: the model's four tensors, cut by bytes, the first weight (16 x 6) in
+# fragment 0 and the rest in fragment 1.
+STREAMED_FRAGMENTS = [[0], [1, 2, 3]]
+
+
+def streamed_scenario(rank: int, world: int, delay: int) -> dict:
+    model, opt = build(k=4, fragments=2, sync_delay=delay)
+    assert opt._planner.plan(0, opt.param_groups[0]).fragment_of == [0, 1, 1, 1]
+    losses = []
+    for x, y in global_batches(STEPS, world):
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {**state(model, opt), "losses": losses}
+
+
 def train_scenario(rank: int, world: int, **extra) -> dict:
     model, opt = build(**extra)
     train(model, opt, global_batches(STEPS, world), rank, world)
     return state(model, opt)
 
 
-def resume_scenario(rank: int, world: int, out: Path, distributed: bool) -> dict:
-    """Steps, a checkpoint mid-cycle (a plain state_dict saved by process 0, or
-    torch.distributed.checkpoint), more steps; then the same steps again from the checkpoint in
-    fresh objects: each process must resume its own replica (fast weights, inner momentum)."""
+def resume_scenario(
+    rank: int, world: int, out: Path, distributed: bool, saved_at: int = 7, **extra: Any
+) -> dict:
+    """Steps, a checkpoint mid-cycle after ``saved_at`` steps (a plain state_dict saved by process
+    0, or torch.distributed.checkpoint), more steps; then the same steps again from the checkpoint
+    in fresh objects: each process must resume its own replica (fast weights, inner momentum)."""
     data = global_batches(13, world)
-    model, opt = build()
-    train(model, opt, data[:7], rank, world)
+    model, opt = build(**extra)
+    train(model, opt, data[:saved_at], rank, world)
     path = out / ("dcp" if distributed else "checkpoint.pt")
     if distributed:
         dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
     else:
         saved = opt.state_dict()  # every process calls it: it gathers the workers' replicas
+        if extra.get("sync_delay"):  # the average in flight travels with the checkpoint
+            assert any("lookahead_in_flight_average" in e for e in saved["state"].values())
         if rank == 0:
             torch.save(saved, path)
     dist.barrier()
-    train(model, opt, data[7:], rank, world)
+    train(model, opt, data[saved_at:], rank, world)
     straight = state(model, opt)
 
     # No model weights are loaded: the checkpoint itself must put each worker's replica back.
-    model, opt = build()
+    model, opt = build(**extra)
     if distributed:
         loaded = {"optim": get_optimizer_state_dict(model, opt)}
         dcp.load(loaded, checkpoint_id=path)
@@ -85,7 +109,7 @@ def resume_scenario(rank: int, world: int, out: Path, distributed: bool) -> dict
     else:
         opt.load_state_dict(torch.load(path, weights_only=True))
     counter = int(opt.lookahead_state[next(model.parameters())]["step"])
-    train(model, opt, data[7:], rank, world)
+    train(model, opt, data[saved_at:], rank, world)
     return {"straight": straight, "resumed": state(model, opt), "counter_at_load": counter}
 
 
@@ -206,10 +230,17 @@ def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
         return train_scenario(rank, world, slow_device="cpu")
     if scenario in ("resume", "resume-dcp"):
         return resume_scenario(rank, world, out, distributed=scenario == "resume-dcp")
+    if scenario in ("resume-streamed", "resume-streamed-dcp"):
+        # Saved 5 steps in, one step into the second cycle: fragment 0's average is in flight.
+        streamed = {"k": 4, "fragments": 2, "sync_delay": 1}
+        distributed = scenario.endswith("dcp")
+        return resume_scenario(rank, world, out, distributed, saved_at=5, **streamed)
     if scenario == "guard":
         return guard_scenario(rank, world)
     if scenario == "grad-scaler":
         return grad_scaler_scenario(rank, world)
+    if scenario.startswith("streamed-"):
+        return streamed_scenario(rank, world, int(scenario.removeprefix("streamed-")))
     if scenario.startswith("disagree-"):
         return disagreement_scenario(scenario.removeprefix("disagree-"), rank, world)
     if scenario == "uneven-state":

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from diloco_worker import DISAGREEMENTS, LR, SETTINGS, SKIPPED_STEP, STEPS, K
+from diloco_worker import (
+    DISAGREEMENTS,
+    LR,
+    SETTINGS,
+    SKIPPED_STEP,
+    STEPS,
+    STREAMED_FRAGMENTS,
+    K,
+)
 from distributed_worker import global_batches, make_model
 from test_distributed import run_workers
 from torch import nn
@@ -27,22 +35,40 @@ def simulate(
     steps: int = STEPS,
     skipped: tuple[int, int] | None = None,
     pseudo_gradient_dtype: torch.dtype | None = None,
+    k: int = K,
+    fragments: list[list[int]] | None = None,
+    delay: int = 0,
+    mixing: float = 0.5,
 ) -> dict:
     """All the replicas in one process, independently of the optimizer's code: each trains on its
-    rows of every batch; every K steps the fast weights are averaged and the outer Nesterov step
-    taken from the common slow weights, which every replica restarts from. ``skipped``: (rank,
-    step) of an inner step that replica does not take. ``pseudo_gradient_dtype``: each replica's
-    pseudo-gradient is rounded to it, and summed and halved in it (exact for two workers, whose
-    sum has one order)."""
+    rows of every batch; at its sync step (every K steps, or for fragment f of ``fragments``
+    (lists of parameter indices), (f + 1) * k / F steps into every cycle of k) a fragment's fast
+    weights are averaged and the outer Nesterov step taken from the common slow weights, which
+    every replica restarts from. With ``delay`` the average is of the fast weights ``delay``
+    steps before, and each replica's fast weights then become ``mixing * fast + (1 - mixing) *
+    slow``. ``skipped``: (rank, step) of an inner step that replica does not take.
+    ``pseudo_gradient_dtype``: each replica's pseudo-gradient is rounded to it, and summed and
+    halved in it (exact for two workers, whose sum has one order)."""
     alpha, mu = SETTINGS["alpha"], SETTINGS["momentum"]
     models = [make_model() for _ in range(world)]
     inners = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in models]
     slow = [p.detach().clone() for p in models[0].parameters()]
     buffers = [torch.zeros_like(s) for s in slow]
+    fragments = fragments or [list(range(len(slow)))]
+    period = k // len(fragments)
     with torch.no_grad():  # every replica starts from process 0's weights
         for m in models[1:]:
             for p, s in zip(m.parameters(), slow):
                 p.copy_(s)
+
+    def averaged(i: int) -> torch.Tensor:
+        replicas = [list(m.parameters())[i] for m in models]
+        if pseudo_gradient_dtype is None:
+            return sum(replicas) / world
+        sent = [(slow[i] - r).to(pseudo_gradient_dtype) for r in replicas]
+        return slow[i] - (sum(sent) / world).to(slow[i].dtype)
+
+    in_flight: dict[int, torch.Tensor] = {}
     for step, (x, y) in enumerate(global_batches(steps, world), 1):
         for rank, (model, inner) in enumerate(zip(models, inners)):
             rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -50,20 +76,22 @@ def simulate(
             nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
             if (rank, step) != skipped:
                 inner.step()
-        if step % K:
-            continue
+        count = (step - 1) % k + 1
         with torch.no_grad():
-            for i, s in enumerate(slow):
-                replicas = [list(m.parameters())[i] for m in models]
-                if pseudo_gradient_dtype is None:
-                    d = s - sum(replicas) / world
-                else:
-                    sent = [(s - r).to(pseudo_gradient_dtype) for r in replicas]
-                    d = s - (s - (sum(sent) / world).to(s.dtype))
-                buffers[i] = mu * buffers[i] + d
-                slow[i] = s - alpha * (d + mu * buffers[i])
-                for m in models:
-                    list(m.parameters())[i].copy_(slow[i])
+            for f, indices in enumerate(fragments):
+                if count != (f + 1) * period:
+                    continue
+                for i in indices:
+                    mean = in_flight.pop(i) if delay else averaged(i)
+                    d = slow[i] - mean
+                    buffers[i] = mu * buffers[i] + d
+                    slow[i] = slow[i] - alpha * (d + mu * buffers[i])
+                    for m in models:
+                        fast = list(m.parameters())[i]
+                        fast.copy_(torch.lerp(fast, slow[i], 1 - mixing) if delay else slow[i])
+            for f, indices in enumerate(fragments):
+                if delay and count == (f + 1) * period - delay:
+                    in_flight.update({i: averaged(i) for i in indices})
     return {
         "fast": [[p.detach().clone() for p in m.parameters()] for m in models],
         "slow": slow,
@@ -94,6 +122,27 @@ def test_matches_a_simulation_of_all_replicas(world, tmp_path):
         torch.testing.assert_close(a, b, **close)
     # Replicas diverge between syncs: not a single model trained by all.
     assert not all(torch.equal(a, b) for a, b in zip(results[0]["fast"], results[1]["fast"]))
+
+
+@pytest.mark.parametrize(("world", "delay"), [(2, 0), (3, 0), (2, 1)])
+def test_streamed_fragments_match_a_simulation_of_all_replicas(world, delay, tmp_path):
+    # k = 4 in two fragments of the model's 4 tensors (equal bytes: the first weight is most of
+    # them), fragment 0 syncing 2 steps into each cycle and fragment 1 at its end; with a delay,
+    # each fragment's average starts one step before its sync, while training goes on.
+    results = run_workers(f"streamed-{delay}", tmp_path, world, WORKER)
+    assert_ranks_agree(results)
+    want = simulate(world, k=4, fragments=STREAMED_FRAGMENTS, delay=delay)
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    for result, fast in zip(results, want["fast"]):
+        for a, b in zip(result["fast"], fast):
+            torch.testing.assert_close(a, b, **close)
+    for a, b in zip(results[0]["slow"] + results[0]["momentum"], want["slow"] + want["momentum"]):
+        torch.testing.assert_close(a, b, **close)
+    # Different from syncing the whole model at once: the fragments synced at different steps.
+    whole = simulate(world, k=4)
+    assert not all(torch.allclose(a, b, **close) for a, b in zip(want["slow"], whole["slow"]))
+    # The run trains: the loss falls.
+    assert results[0]["losses"][-1] < results[0]["losses"][0]
 
 
 def test_a_step_grad_scaler_skips_on_one_worker_counts_on_every_worker(tmp_path):
@@ -135,10 +184,13 @@ def test_slow_weights_in_host_memory(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("scenario", ["resume", "resume-dcp"])
+@pytest.mark.parametrize(
+    "scenario", ["resume", "resume-dcp", "resume-streamed", "resume-streamed-dcp"]
+)
 def test_checkpoints_resume_exactly(scenario, tmp_path):
     for result in run_workers(scenario, tmp_path, 2, WORKER):
-        assert result["counter_at_load"] == 7 % K
+        # Streamed (k = 4, 2 fragments, delay 1): saved at step 5, fragment 0 in flight.
+        assert result["counter_at_load"] == (5 % 4 if "streamed" in scenario else 7 % K)
         for key in ("fast", "slow", "momentum"):
             for a, b in zip(result["resumed"][key], result["straight"][key]):
                 assert torch.equal(a, b), key
