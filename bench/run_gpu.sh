@@ -96,7 +96,7 @@ else
   # Without -x, so that every finding is listed; graph capture is what the sanitizer cannot follow.
   stage memcheck memcheck.log 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q \
-    -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_gated_ops.py \
+    -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_gated_ops.py tests/test_quantization.py \
     -k "not graph and not two_billion and not compiled and not bench"
   if (($? != 0)); then
     if grep -qiE "device not supported|unable to (run|find)|error 999" "$out/memcheck.log"; then

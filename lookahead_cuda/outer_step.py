@@ -140,7 +140,7 @@ class OuterStep:
         flags = []
         for (index, group, plan), fragment, ends_cycle in syncs:
             weights = plan.weights if fragment is None else plan.fragments[fragment]
-            params = [p for p, f in zip(group["params"], plan.fragment_of) if fragment in (None, f)]
+            params = plan.params if fragment is None else plan.fragment_params[fragment]
             due = self._counters.due_on_device(group) if gated else None
             momentum = float(group[MOMENTUM])  # a Python float even where torch.compile traces one
             coefficients = (group[ALPHA], momentum, group[NESTEROV] or momentum == 0)
@@ -229,6 +229,8 @@ class OuterStep:
         self._resumed = dict(averages)
 
     def _take_resumed(self, weights: Buckets) -> Streamed | None:
+        if not self._resumed:
+            return None
         fast = [f for bucket in weights.values() for f in bucket.fast]
         if not fast or any(f not in self._resumed for f in fast):
             return None

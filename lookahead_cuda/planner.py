@@ -54,7 +54,8 @@ class GroupPlan:
         weights: their (slow weights, parameter) buckets, with the outer momentum buffers when the
             group has momentum, each tensor named after its parameter.
         fragments: the same pairs split by DiLoCo's fragments, one Buckets per fragment (just
-            ``weights`` when there is one), and ``fragment_of`` each parameter's fragment.
+            ``weights`` when there is one), with ``fragment_params`` the parameters of each and
+            ``fragment_of`` each parameter's fragment.
         with_momentum: whether the buckets carry momentum buffers.
         sharded_over: the process group of FSDP2's mesh when the parameters are DTensors (the
             processes must agree on a restore), None otherwise.
@@ -64,6 +65,7 @@ class GroupPlan:
     params: tuple[torch.Tensor, ...]
     weights: functional.Buckets
     fragments: list[functional.Buckets]
+    fragment_params: list[tuple[torch.Tensor, ...]]
     fragment_of: list[int]
     with_momentum: bool
     sharded_over: Any
@@ -239,13 +241,14 @@ class Planner:
 
         weights = buckets(list(range(len(params))))
         fragment_of = self._workers.fragment_of(index, params)
-        fragments = [weights]
-        if self._workers.fragments > 1:
-            fragments = [
-                buckets([j for j, g in enumerate(fragment_of) if g == f])
-                for f in range(self._workers.fragments)
-            ]
-        return GroupPlan(tuple(params), weights, fragments, fragment_of, momentum, sharded_over)
+        members = [
+            [j for j, g in enumerate(fragment_of) if g == f] for f in range(self._workers.fragments)
+        ]
+        fragments = [weights] if len(members) == 1 else [buckets(m) for m in members]
+        fragment_params = [tuple(params[j] for j in m) for m in members]
+        return GroupPlan(
+            tuple(params), weights, fragments, fragment_params, fragment_of, momentum, sharded_over
+        )
 
     def _follow(self, group: dict[str, Any]) -> bool:
         """Move the group's slow weights (and outer momentum) to their parameter's home, in a
