@@ -128,6 +128,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Raises the error the sync (lookahead_update_, or lookahead_momentum_update_ with a "
         "momentum list) would raise for these arguments, naming fast[i] fast_names[i]; does "
         "nothing otherwise.");
+  m.def("check_quantizable",
+        [](const std::vector<at::Tensor>& slow, const std::vector<at::Tensor>& fast,
+           std::vector<std::string> fast_names) {
+          lookahead::ArgumentNames names(std::move(fast_names));
+          lookahead::validate_flat_pairs("quantize_pseudo_gradients_", slow, fast, names);
+        },
+        pybind11::arg("slow"), pybind11::arg("fast"), pybind11::arg("fast_names"),
+        "Raises the error quantize_pseudo_gradients_ would raise for these pairs (not for its "
+        "buffers), naming fast[i] fast_names[i]; does nothing otherwise.");
   pybind11::class_<lookahead::TensorFingerprint>(
       m, "TensorFingerprint",
       "What a validated set of tensors looked like (data address, dtype, device, sizes, strides): "

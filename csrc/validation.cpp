@@ -141,6 +141,20 @@ Extent extent_of(const at::Tensor& t, uintptr_t first, bool dense, const char* l
           index};
 }
 
+// A tensor whose storage was freed or shrunk under it (FSDP frees parameters' storage between
+// uses with untyped_storage().resize_(0)) keeps its sizes: the kernel would touch bytes it no longer
+// owns.
+template <typename Name>
+void check_within_storage(const char* op, const at::Tensor& t, uintptr_t spanned_bytes,
+                          const Name& name) {
+  if (!t.has_storage()) return;
+  const auto needed = static_cast<uintptr_t>(t.storage_offset() * t.element_size()) + spanned_bytes;
+  const auto held = t.storage().nbytes();
+  TORCH_CHECK_VALUE(needed <= held, op, ": ", name(), " spans ", needed,
+                    " bytes of its storage, which holds ", held,
+                    " (freed or resized under the tensor?)");
+}
+
 // Exact overlap tests for strided tensors enumerate element offsets up to this many elements;
 // beyond it a call whose strides interleave is refused rather than guessed about.
 constexpr int64_t kMaxEnumeratedElements = int64_t{1} << 22;
@@ -356,6 +370,8 @@ Layout validate_written_lists(const char* op, c10::ArrayRef<NamedList> lists,
       const uintptr_t start = addresses.first_element(t);
       item.data[l] = reinterpret_cast<void*>(start);
       extents[l].push_back(extent_of(t, start, flat, lists[l].name, i));
+      check_within_storage(op, t, extents[l].back().end - start,
+                           [&] { return names(lists[l].name, i); });
     }
     if (flat) {
       layout.flat.push_back(item);
@@ -388,15 +404,21 @@ Layout validate_momentum_update(const char* op, at::TensorList slow, at::TensorL
   return validate_written_lists(op, lists, names);
 }
 
-Layout validate_quantization(const char* op, at::TensorList slow, at::TensorList fast,
-                             const at::Tensor& payload, const at::Tensor& scales, bool gathered) {
+Layout validate_flat_pairs(const char* op, at::TensorList slow, at::TensorList fast,
+                           const ArgumentNames& names) {
   const NamedList lists[] = {{"slow", slow}, {"fast", fast}};
-  Layout layout = validate_written_lists(op, lists, ArgumentNames());
+  Layout layout = validate_written_lists(op, lists, names);
   for (const size_t i : layout.strided) {
-    TORCH_CHECK_VALUE(false, op, ": slow[", i, "] and fast[", i,
-                      "] are not flat arrays in one element order (dense, with the same strides); "
+    TORCH_CHECK_VALUE(false, op, ": ", names("slow", i), " and ", names("fast", i),
+                      " are not flat arrays in one element order (dense, with the same strides); "
                       "quantized pseudo-gradients are sent in memory order");
   }
+  return layout;
+}
+
+Layout validate_quantization(const char* op, at::TensorList slow, at::TensorList fast,
+                             const at::Tensor& payload, const at::Tensor& scales, bool gathered) {
+  Layout layout = validate_flat_pairs(op, slow, fast);
   // Traced with dynamic shapes (torch.compile), sizes are symbolic: the checks of sizes are left to
   // the real call, as for the lists.
   const auto symbolic = [](const at::Tensor& t) {
@@ -430,6 +452,24 @@ Layout validate_quantization(const char* op, at::TensorList slow, at::TensorList
                           (!gathered || tensor->size(0) == payload.size(0)),
                       op, ": ", name, " must have shape ", gathered ? "(workers, " : "(", count,
                       ") for these tensors, got ", tensor->sizes());
+    check_within_storage(op, *tensor, tensor->numel() * tensor->element_size(),
+                         [&] { return name; });
+  }
+  // Buffers written while the lists are read, or read while a list is written: no memory shared.
+  const auto storage_of = [](const at::Tensor& t) {
+    return t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
+  };
+  const char* payload_name = gathered ? "payloads" : "payload";
+  TORCH_CHECK_VALUE(storage_of(payload) != storage_of(scales), op, ": ", payload_name,
+                    " and scales share memory");
+  for (const auto& [list, list_name] : {std::pair{slow, "slow"}, std::pair{fast, "fast"}}) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      for (const auto& [buffer, name] :
+           {std::pair{&payload, payload_name}, std::pair{&scales, "scales"}}) {
+        TORCH_CHECK_VALUE(storage_of(list[i]) != storage_of(*buffer), op, ": ", name,
+                          " shares memory with ", list_name, "[", i, "]");
+      }
+    }
   }
   if (!sized) return layout;
   TORCH_CHECK_VALUE(!gathered || payload.size(0) > 0, op, ": payloads holds no worker's");
@@ -476,6 +516,8 @@ Layout validate_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
     if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || t.numel() == 0) continue;
     // Read-only: a tensor whose elements share memory is read as it is.
     if (t.is_non_overlapping_and_dense() && !t.is_meta()) {
+      check_within_storage(kOp, t, t.numel() * t.element_size(),
+                           [&] { return "tensors[" + std::to_string(i) + "]"; });
       layout.flat.push_back({{t.data_ptr()}, t.numel(), i});
     } else {
       layout.strided.push_back(i);

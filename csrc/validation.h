@@ -64,6 +64,11 @@ Layout validate_momentum_update(const char* op, at::TensorList slow, at::TensorL
 void validate_update_flags(const char* op, at::TensorList slow, const at::Tensor& due,
                            const std::optional<at::Tensor>& restore);
 
+// Validates pairs as for a sync, and that every non-empty one is flat (a kernel of ours takes it):
+// what the quantization ops need of their lists.
+Layout validate_flat_pairs(const char* op, at::TensorList slow, at::TensorList fast,
+                           const ArgumentNames& names = {});
+
 // Validates quantize_pseudo_gradients_(slow, fast, payload, scales) (gathered = false: payload a
 // contiguous int8 vector of sum(numel) elements, scales a float32 one of sum(blocks)) and
 // dequantize_mean_(slow, out, payloads, scales) (gathered = true: one such row per worker): the

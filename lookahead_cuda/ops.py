@@ -54,6 +54,14 @@ def check_sync(
     _C.check_sync(slow, fast, momentum, float(alpha), float(mu), list(names))
 
 
+def check_quantizable(
+    slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], names: Sequence[str] = ()
+) -> None:
+    """Raise the error that :func:`quantize_pseudo_gradients_` would raise for these pairs (its
+    buffers aside), naming ``fast[i]`` ``names[i]`` where given; nothing otherwise."""
+    _C.check_quantizable(slow, fast, list(names))
+
+
 #: ``TensorFingerprint(tensors)`` records each tensor's data address, dtype, device, sizes and
 #: strides; ``.matches()`` tells, in one pass that validates nothing, whether all are unchanged.
 TensorFingerprint = _C.TensorFingerprint

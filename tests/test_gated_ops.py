@@ -216,6 +216,10 @@ def test_found_nonfinite_rejects_bad_input(entry):
         )
     with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch\.int64"):
         FOUND_NONFINITE[entry]([torch.arange(3)], flag(False, "cpu"))
+    freed = torch.randn(100)
+    freed.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match=r"tensors\[1\] spans 400 bytes of its storage"):
+        FOUND_NONFINITE[entry]([torch.randn(3), freed], flag(False, "cpu"))
     # A floating dtype no kernel reads is refused by validation, not inside dispatch.
     with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch\.float8_e4m3fn"):
         FOUND_NONFINITE[entry]([torch.randn(3).to(torch.float8_e4m3fn)], flag(False, "cpu"))

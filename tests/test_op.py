@@ -335,6 +335,20 @@ def test_rejects_expanded_tensors():
     )
 
 
+@pytest.mark.parametrize("held", [0, 40])
+def test_rejects_a_tensor_whose_storage_was_freed_or_shrunk_under_it(held):
+    # As FSDP frees a parameter's storage between uses: the tensor keeps its sizes.
+    slow, fast = random_lists([(4,), (1000,)], torch.float32, torch.float32)
+    fast[1].untyped_storage().resize_(held)
+    message = rf"fast\[1\] spans 4000 bytes of its storage, which holds {held}"
+    with_storage = [slow[0], slow[1], fast[0]]
+    before = [t.clone() for t in with_storage]
+    for entry in (op, _C.try_lookahead_update_):
+        with pytest.raises(ValueError, match=message):
+            entry(slow, fast, 0.5)
+        assert all(torch.equal(b, a) for b, a in zip(before, with_storage))
+
+
 @pytest.mark.parametrize("alpha", [float("nan"), 0.0, -0.1, 1.5, float("inf")])
 def test_rejects_alpha_outside_unit_interval(alpha):
     slow, fast = random_lists([(4,)], torch.float32, torch.float32)

@@ -141,6 +141,46 @@ def test_refuses_what_it_cannot_send():
     quantize_pseudo_gradients_([], [], payload[:0], scales[:0])  # nothing to send
 
 
+def test_refuses_buffers_that_share_memory_with_the_lists_or_each_other():
+    slow, fast = pairs(torch.float32, torch.float32, sizes=[10, 2000])
+    payload, scales = buffers([10, 2000])
+    joint = torch.empty(2024, dtype=torch.int8)  # the payload's 2010 bytes, then 3 scales
+    out = [torch.randn(10), torch.randn(2000)]
+    rows = (payload.unsqueeze(0), scales.unsqueeze(0))
+    quantize_cases = [
+        (fast[1].view(torch.int8)[:2010], scales, r"payload shares memory with fast\[1\]"),
+        (payload, slow[0][:3], r"scales shares memory with slow\[0\]"),
+        (joint[:2010], joint[2012:].view(torch.float32), "payload and scales share memory"),
+    ]
+    dequantize_cases = [
+        (out[1].view(torch.int8)[:2010].unsqueeze(0), rows[1], r"payloads shares memory with fast"),
+        (rows[0], out[0][:3].unsqueeze(0), r"scales shares memory with fast\[0\]"),
+    ]
+    written = [*slow, *fast, *out, payload, scales, joint]
+    before = [t.clone() for t in written]
+    for bad_payload, bad_scales, match in quantize_cases:
+        with pytest.raises(ValueError, match=match):
+            quantize_pseudo_gradients_(slow, fast, bad_payload, bad_scales)
+    for bad_payloads, bad_scales, match in dequantize_cases:
+        with pytest.raises(ValueError, match=match):
+            dequantize_mean_(slow, out, bad_payloads, bad_scales)
+    for b, a in zip(before, written):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_refuses_a_tensor_whose_storage_was_freed():
+    slow, fast = pairs(torch.float32, torch.float32, sizes=[10, 2000])
+    payload, scales = buffers([10, 2000])
+    fast[1].untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match=r"fast\[1\] spans 8000 bytes of its storage"):
+        quantize_pseudo_gradients_(slow, fast, payload, scales)
+    payload.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="payload spans 2010 bytes of its storage"):
+        quantize_pseudo_gradients_(
+            slow[:1] + slow[1:], [fast[0], torch.randn(2000)], payload, scales
+        )
+
+
 def test_registered_ops_pass_opcheck_and_take_the_eager_path():
     slow, fast = pairs(torch.float32, torch.bfloat16, sizes=[7, 1500])
     payload, scales = buffers([7, 1500])
