@@ -20,8 +20,11 @@ import torch
 from lookahead_cuda import diloco
 from lookahead_cuda.keys import (
     FAST_PARAM,
+    IN_FLIGHT,
     IN_FLIGHT_AVERAGE,
+    IN_FLIGHT_NONE,
     IN_FLIGHT_RESTORE,
+    IN_FLIGHT_VALUE,
     OUTER_MOMENTUM,
     RESTORES,
     SETTINGS,
@@ -46,7 +49,7 @@ def dump(
     state: State,
     fast_elsewhere: Mapping[torch.Tensor, torch.Tensor],
     slow_elsewhere: Mapping[torch.Tensor, torch.Tensor],
-    in_flight: Mapping[torch.Tensor, torch.Tensor | None],
+    in_flight: Mapping[torch.Tensor, torch.Tensor | None] | None,
     process_group: Any,
 ) -> dict[str, Any]:
     """The state dict: ``inner`` (the inner optimizer's) with Lookahead's tensors added.
@@ -59,8 +62,8 @@ def dump(
             loaded dict's, not yet put back), saved as ``lookahead_fast_param``.
         slow_elsewhere: the slow weights of parameters whose slow copies do not hold them
             (evaluation mode).
-        in_flight: for each parameter of a streamed fragment whose average had started, that
-            average (None: its sync is to restore).
+        in_flight: with streamed averages, for each parameter of a fragment whose average had
+            started, that average (None: its sync is to restore); None without streaming.
         process_group: DiLoCo's workers, or None; with one, every worker's fast weights and inner
             state are gathered (a collective: every worker calls it), entries that only some
             workers hold marked as such.
@@ -79,12 +82,15 @@ def dump(
         if param in fast_elsewhere:
             # A copy: the tensor holding them may change roles (at opt.train(), at a step).
             entry[STATE_PREFIX + FAST_PARAM] = fast_elsewhere[param].clone()
-        if param in in_flight:
-            average = in_flight[param]
-            if average is None:
-                entry[STATE_PREFIX + IN_FLIGHT_RESTORE] = torch.tensor(True)
-            else:
-                entry[STATE_PREFIX + IN_FLIGHT_AVERAGE] = average.clone()
+        if in_flight is not None:
+            average = in_flight.get(param, 0)
+            code = IN_FLIGHT_RESTORE if average is None else IN_FLIGHT_AVERAGE
+            if isinstance(average, int):
+                code, average = IN_FLIGHT_NONE, torch.zeros_like(ours[SLOW_PARAM])
+            entry[STATE_PREFIX + IN_FLIGHT] = torch.tensor(code, dtype=torch.int8)
+            entry[STATE_PREFIX + IN_FLIGHT_VALUE] = (
+                torch.zeros_like(ours[SLOW_PARAM]) if average is None else average.clone()
+            )
     if process_group is not None:
         local = {}
         for position, param in enumerate(params):
@@ -212,12 +218,21 @@ def parse(
                 converted[name] = copies.copy(value, dtype, param)
             elif name == FAST_PARAM:
                 loaded.fast[param] = _weights(value, param, where)
-            elif name == IN_FLIGHT_AVERAGE:
-                value = _weights(value, param, where)
-                dtype = copies.dtype(group[SLOW_DTYPE], param, kept=value.dtype)
-                loaded.in_flight[param] = value.to(param.device, dtype, copy=True)
-            elif name == IN_FLIGHT_RESTORE:
-                loaded.in_flight[param] = None
+            elif name == IN_FLIGHT:
+                code = _count(value, where)
+                if code not in (IN_FLIGHT_NONE, IN_FLIGHT_AVERAGE, IN_FLIGHT_RESTORE):
+                    raise ValueError(f"{where} must be 0, 1 or 2, got {code}")
+                if IN_FLIGHT_VALUE not in mine:
+                    raise ValueError(f"{where} comes without {STATE_PREFIX}{IN_FLIGHT_VALUE}")
+                average = _weights(mine[IN_FLIGHT_VALUE], param, where)
+                if code == IN_FLIGHT_RESTORE:
+                    loaded.in_flight[param] = None
+                elif code == IN_FLIGHT_AVERAGE:
+                    dtype = copies.dtype(group[SLOW_DTYPE], param, kept=average.dtype)
+                    loaded.in_flight[param] = average.to(param.device, dtype, copy=True)
+            elif name == IN_FLIGHT_VALUE:
+                if IN_FLIGHT not in mine:
+                    raise ValueError(f"{where} comes without {STATE_PREFIX}{IN_FLIGHT}")
             else:
                 raise ValueError(f"{where}: Lookahead keeps no such entry")
     return loaded

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from lookahead_cuda.diloco import Workers
 from lookahead_cuda.keys import INNER_STATE, RESTORES, STEP, K
 
 #: Something whose second item is a param group: (index, group, plan) in the optimizer.
@@ -32,11 +33,19 @@ class StepCounters:
             and the count of restoring syncs under ``"nonfinite_restores"``) with its first
             parameter.
         capturable: keep the counts on the parameters' device from the start.
+        workers: DiLoCo's schedule: its fragments, each due at (f + 1) * k / fragments, and the
+            delay its averages start before that.
     """
 
-    def __init__(self, state: Mapping[torch.Tensor, dict[str, torch.Tensor]], capturable: bool):
+    def __init__(
+        self,
+        state: Mapping[torch.Tensor, dict[str, torch.Tensor]],
+        capturable: bool,
+        workers: Workers,
+    ) -> None:
         self._state = state
         self._capturable = capturable
+        self._workers = workers
 
     def home(self, first_param: torch.Tensor) -> torch.device:
         """Where a new count of the group starting with ``first_param`` lives."""
@@ -70,7 +79,26 @@ class StepCounters:
         return self._capturable or counter.device.type != "cpu" or torch.compiler.is_compiling()
 
     def may_sync_after_this_step(self, group: Mapping[str, Any]) -> bool:
-        return self.on_device(group) or int(self.of(group)) + 1 >= group[K]
+        """Whether a sync may run, or a streamed average start, at the group's next count."""
+        if self.on_device(group):
+            return True
+        due, _, starting = self._schedule(int(self.of(group)) + 1, group[K])
+        return due is not None or starting is not None
+
+    def _schedule(self, count: int, k: int) -> tuple[int | None, bool, int | None]:
+        """At ``count``: the fragment whose sync is due (None: none), whether it ends the cycle,
+        and the fragment whose streamed average starts (None: none)."""
+        fragments, delay = self._workers.fragments, self._workers.sync_delay
+        period = k // fragments
+        due, ends = None, False
+        if count >= k:  # past k too: k was lowered since the cycle began
+            due, ends = fragments - 1, True
+        elif count > 0 and count % period == 0:
+            due = count // period - 1
+        starting = None
+        if delay and count < k and (count + delay) % period == 0:
+            starting = (count + delay) // period - 1
+        return due, ends, starting
 
     def count(self, group: Mapping[str, Any], skipped: torch.Tensor | None) -> None:
         """One more step, unless ``skipped`` (GradScaler's found_inf) says it was skipped."""
@@ -84,39 +112,30 @@ class StepCounters:
             ours[STEP] = ours[STEP].to(skipped.device)
         ours[STEP] += 1 - skipped.to(ours[STEP].device, torch.int64)
 
-    def due(
-        self, planned: Sequence[Entry], fragments: int = 1
-    ) -> tuple[list[tuple[Entry, int, bool]], list[Entry]]:
+    def due(self, planned: Sequence[Entry]) -> tuple[list[tuple[Entry, int, bool]], list[Entry]]:
         """Of ``planned`` (entries whose second item is a param group, counted this step), the
         syncs due, read on the host (which waits for a count on a device): (entry, fragment,
         whether it ends the cycle and the count restarts); and the entries decided on the
-        device, due or not. With ``fragments`` F, fragment f of a group is due when its count
-        reaches (f + 1) * k / F; the last one ends the cycle (a count past k, after k was
-        lowered, ends it too)."""
+        device, due or not."""
         on_host, on_device = [], []
         for entry in planned:
             group = entry[1]
             if self.on_device(group):
                 on_device.append(entry)
                 continue
-            count, period = int(self.of(group)), group[K] // fragments
-            if count >= group[K]:
-                on_host.append((entry, fragments - 1, True))
-            elif count % period == 0 and count > 0:
-                on_host.append((entry, count // period - 1, False))
+            due, ends, _ = self._schedule(int(self.of(group)), group[K])
+            if due is not None:
+                on_host.append((entry, due, ends))
         return on_host, on_device
 
-    def starting(
-        self, planned: Sequence[Entry], fragments: int, delay: int
-    ) -> list[tuple[Entry, int]]:
-        """Of ``planned``, the (entry, fragment) whose sync is ``delay`` steps away: a streamed
-        fragment's average starts then (its count reached (f + 1) * k / F - delay)."""
+    def starting(self, planned: Sequence[Entry]) -> list[tuple[Entry, int]]:
+        """Of ``planned``, the (entry, fragment) whose streamed average starts at this count."""
         starting = []
         for entry in planned:
             group = entry[1]
-            count, period = int(self.of(group)), group[K] // fragments
-            if delay > 0 and count < group[K] and (count + delay) % period == 0:
-                starting.append((entry, (count + delay) // period - 1))
+            fragment = self._schedule(int(self.of(group)), group[K])[2]
+            if fragment is not None:
+                starting.append((entry, fragment))
         return starting
 
     def due_on_device(self, group: Mapping[str, Any]) -> torch.Tensor:

@@ -12,7 +12,7 @@ gathering of each worker's fast weights and inner state into one state dict (and
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,8 @@ AVERAGED_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.int
 
 class Workers:
     """The DiLoCo group of one Lookahead and how its syncs are streamed, shared by the parts that
-    talk to it. The constructor's arguments are checked here (``ValueError``/``TypeError``).
+    talk to it. :meth:`check` checks the constructor's arguments (``ValueError``/``TypeError``);
+    :meth:`checked` has every worker raise alike when one rejects them.
 
     Attributes:
         group: the torch.distributed process group, or None (no DiLoCo). It does not travel with
@@ -40,44 +41,63 @@ class Workers:
         self,
         group: Any,
         pseudo_gradient_dtype: torch.dtype | None,
-        capturable: bool,
         fragments: int | Sequence[Sequence[torch.Tensor]] = 1,
         sync_delay: int = 0,
         fragment_mixing: float = 0.5,
     ) -> None:
-        _check_arguments(group, pseudo_gradient_dtype, capturable)
+        if group is not None:  # a group that cannot communicate cannot agree on anything else
+            _check_group(group)
+        self.group = group
+        self.pseudo_gradient_dtype = pseudo_gradient_dtype
+        self._given = fragments
         self._assigned: dict[int, int] | None = None  # id(parameter) -> fragment, when given
+        self.fragments = len(fragments) if isinstance(fragments, Sequence) else fragments
+        self.sync_delay = sync_delay
+        self.fragment_mixing = fragment_mixing
+
+    def check(self, capturable: bool) -> None:
+        """Raise unless the constructor's DiLoCo arguments can work together."""
+        _check_arguments(self.group, self.pseudo_gradient_dtype, capturable)
+        fragments = self._given
         if isinstance(fragments, int) and not isinstance(fragments, bool):
             if fragments < 1:
                 raise ValueError(f"Invalid fragments: {fragments!r}; expected an integer >= 1")
-            count = fragments
         elif isinstance(fragments, Sequence) and fragments and not isinstance(fragments, str):
             self._assigned = _assignment(fragments)
-            count = len(fragments)
         else:
             raise TypeError(
                 f"Invalid fragments: {fragments!r}; expected a number of fragments, or a list of "
                 "lists of parameters (every parameter in exactly one)"
             )
-        if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
-            raise ValueError(f"Invalid sync_delay: {sync_delay!r}; expected an integer >= 0")
-        mixing_ok = isinstance(fragment_mixing, (int, float)) and not isinstance(
-            fragment_mixing, bool
-        )
-        if not (mixing_ok and 0.0 <= fragment_mixing <= 1.0):
-            raise ValueError(
-                f"Invalid fragment_mixing: {fragment_mixing!r}; expected a number in [0, 1]"
-            )
-        if group is None and (count != 1 or sync_delay != 0):
+        delay = self.sync_delay
+        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+            raise ValueError(f"Invalid sync_delay: {delay!r}; expected an integer >= 0")
+        mixing = self.fragment_mixing
+        if isinstance(mixing, bool) or not isinstance(mixing, (int, float)) or not 0 <= mixing <= 1:
+            raise ValueError(f"Invalid fragment_mixing: {mixing!r}; expected a number in [0, 1]")
+        self.fragment_mixing = float(mixing)
+        if self.group is None and (self.fragments != 1 or delay != 0):
             raise ValueError(
                 "fragments and sync_delay stream the syncs of DiLoCo's workers; they need a "
                 "process_group"
             )
-        self.group = group
-        self.pseudo_gradient_dtype = pseudo_gradient_dtype
-        self.fragments = count
-        self.sync_delay = sync_delay
-        self.fragment_mixing = float(fragment_mixing)
+
+    def checked(
+        self, check: Callable[[], None], describe: Callable[[], list[tuple[str, Any]]]
+    ) -> None:
+        """``check()``; with a group, every worker then agrees (:meth:`agree`) on ``describe()``
+        and on whether any check failed, so that a worker that rejects what the others accept
+        raises alike on all of them instead of leaving them in a collective."""
+        failure, description = None, []
+        try:
+            check()
+            description = describe()
+        except (TypeError, ValueError) as error:
+            failure = error
+        if self.group is not None:
+            self.agree(description, failure)
+        if failure is not None:
+            raise failure
 
     def options(self) -> dict[str, Any]:
         """The constructor's DiLoCo arguments, which every worker must give alike."""
@@ -129,9 +149,10 @@ class Workers:
 
     def agree(self, description: Sequence[tuple[str, Any]], failure: BaseException | None) -> None:
         """Return if every worker of the group gives the same ``description`` and none a
-        ``failure``; raise the same ``ValueError`` on every worker otherwise, naming the workers
-        and what differs. A collective: every worker calls it at the same point (construction,
-        before each sync). One all-reduce of three integers when they agree."""
+        ``failure``; otherwise raise the same message on every worker, naming the workers and
+        what differs: as ``failure``'s type on a worker that failed, as ``ValueError`` elsewhere.
+        A collective: every worker calls it at the same point (construction, before each sync).
+        One all-reduce of three integers when they agree."""
         digest = _digest(description)
         device = _collective_device(self.group)
         flags = torch.tensor([int(failure is not None), digest, -digest], device=device)
@@ -141,7 +162,8 @@ class Workers:
         reports: list[Any] = [None] * torch.distributed.get_world_size(self.group)
         failed = None if failure is None else f"{type(failure).__name__}: {failure}"
         torch.distributed.all_gather_object(reports, (list(description), failed), group=self.group)
-        raise ValueError(_disagreement(reports)) from failure
+        raised = type(failure) if isinstance(failure, (TypeError, ValueError)) else ValueError
+        raise raised(_disagreement(reports)) from failure
 
 
 def _assignment(fragments: Sequence[Sequence[torch.Tensor]]) -> dict[int, int]:
@@ -161,6 +183,17 @@ def _assignment(fragments: Sequence[Sequence[torch.Tensor]]) -> dict[int, int]:
     return assigned
 
 
+def _check_group(group: Any) -> None:
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
+    if not isinstance(group, distributed.ProcessGroup):
+        raise TypeError(
+            f"Invalid process_group: {group!r}; expected a torch.distributed process "
+            "group (torch.distributed.group.WORLD, or one from new_group)"
+        )
+
+
 def _check_arguments(
     process_group: Any, pseudo_gradient_dtype: torch.dtype | None, capturable: bool
 ) -> None:
@@ -171,14 +204,6 @@ def _check_arguments(
                 "workers in; it needs a process_group"
             )
         return
-    distributed = torch.distributed
-    if not (distributed.is_available() and distributed.is_initialized()):
-        raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
-    if not isinstance(process_group, distributed.ProcessGroup):
-        raise TypeError(
-            f"Invalid process_group: {process_group!r}; expected a torch.distributed process "
-            "group (torch.distributed.group.WORLD, or one from new_group)"
-        )
     if pseudo_gradient_dtype not in AVERAGED_DTYPES:
         raise ValueError(
             f"Invalid pseudo_gradient_dtype: {pseudo_gradient_dtype!r}; expected None (average "
@@ -194,13 +219,17 @@ def _check_arguments(
 
 def describe(
     groups: Sequence[Mapping[str, Any]],
-    options: Mapping[str, Any],
+    workers: Workers,
     counts: Sequence[int | None] = (),
 ) -> list[tuple[str, Any]]:
-    """What every worker must have alike: ``options`` (the constructor's DiLoCo arguments), each
-    param group's settings and step count (``counts``, where known), and each parameter's shape
-    and dtype."""
-    items: list[tuple[str, Any]] = [(name, repr(value)) for name, value in options.items()]
+    """What every worker must have alike: the constructor's DiLoCo arguments, the number of param
+    groups, each one's settings and step count (``counts``, where known), and each parameter's
+    shape, strides, dtype and fragment (raises ``ValueError`` for a parameter in no given
+    fragment)."""
+    items: list[tuple[str, Any]] = [
+        (name, repr(value)) for name, value in workers.options().items()
+    ]
+    items.append(("the number of param groups", len(groups)))
     items += [
         (f"the step count of param group {i}", n) for i, n in enumerate(counts) if n is not None
     ]
@@ -211,9 +240,13 @@ def describe(
             (f"{key.removeprefix('lookahead_')} of param group {i}", repr(group[key]))
             for key in SETTINGS
         ]
+        fragments = workers.fragment_of(i, params)
         items += [
-            (parameter_name(i, j), f"shape {tuple(p.shape)}, {p.dtype}")
-            for j, p in enumerate(params)
+            (
+                parameter_name(i, j),
+                f"shape {tuple(p.shape)}, strides {p.stride()}, {p.dtype}, fragment {f}",
+            )
+            for j, (p, f) in enumerate(zip(params, fragments))
         ]
     return items
 
@@ -238,7 +271,7 @@ def _disagreement(reports: Sequence[tuple[list[tuple[str, Any]], str | None]]) -
     """One message from every worker's (description, failure), the same on every worker."""
     failed = [f"worker {rank}: {failure}" for rank, (_, failure) in enumerate(reports) if failure]
     if failed:
-        return "DiLoCo: a sync was rejected, so no worker syncs: " + "; ".join(failed)
+        return "DiLoCo: rejected by a worker, so every worker raises: " + "; ".join(failed)
     first = dict(reports[0][0])
     for rank, (description, _) in enumerate(reports[1:], 1):
         theirs = dict(description)

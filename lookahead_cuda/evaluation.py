@@ -3,7 +3,8 @@ weights of a checkpoint saved so, waiting for training to resume."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -182,6 +183,7 @@ class EvaluationMode:
 
     def __init__(self) -> None:
         self._swapped: SlowWeightsInParameters | None = None
+        self._entered: tuple[Sequence[Mapping[str, Any]], State] | None = None
         self._loaded = LoadedFastWeights({})
 
     @property
@@ -193,6 +195,7 @@ class EvaluationMode:
         self._loaded.put_back()
         if self._swapped is None:
             self._swapped = SlowWeightsInParameters.of(groups, state)
+            self._entered = (groups, state)
 
     def leave(self) -> None:
         """Training mode: the fast weights back in the parameters."""
@@ -200,6 +203,20 @@ class EvaluationMode:
         if self._swapped is not None:
             self._swapped.undo()
             self._swapped = None
+
+    @contextlib.contextmanager
+    def left(self) -> Iterator[None]:
+        """Training mode inside the block (each copy holding its own weights again), then the
+        mode it was in: for what reads the slow copies as slow weights."""
+        if self._swapped is None or self._entered is None:
+            yield
+            return
+        self._swapped.undo()
+        self._swapped = None
+        try:
+            yield
+        finally:
+            self._swapped = SlowWeightsInParameters.of(*self._entered)
 
     def check_training(self, what: str) -> None:
         """Raise unless in training mode (after putting back loaded fast weights)."""

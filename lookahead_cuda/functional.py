@@ -40,6 +40,7 @@ import torch
 from lookahead_cuda.offload import StagingBuffers, offloaded_update_, runs_by_bytes
 from lookahead_cuda.ops import (
     QUANTIZATION_BLOCK,
+    check_quantizable,
     check_sync,
     dequantize_mean_,
     found_nonfinite_,
@@ -178,13 +179,19 @@ def merge_buckets(many: Iterable[Buckets]) -> Buckets:
 
 
 def check_buckets(
-    buckets: Buckets, alpha: float, *, momentum: float = 0.0, offload: bool = False
+    buckets: Buckets,
+    alpha: float,
+    *,
+    momentum: float = 0.0,
+    offload: bool = False,
+    quantized: bool = False,
 ) -> None:
     """Raise the error that :func:`sync_buckets` would raise, before anything is written: so that
     a sync over several buckets either runs them all or changes nothing. The error names tensors
     by the buckets' ``names`` where they have them. ``offload``: the slow tensors are in host
     memory and the fast ones on another device, so each pair is checked as the host will see it
-    (on meta tensors of the same shapes, strides and dtypes)."""
+    (on meta tensors of the same shapes, strides and dtypes). ``quantized``: the pairs'
+    pseudo-gradients are also sent in 8 bits (:func:`start_average`), for flat pairs only."""
     for bucket in buckets.values():
         lists = [bucket.slow, bucket.fast, bucket.momentum if momentum > 0 else None]
         if offload:
@@ -196,6 +203,8 @@ def check_buckets(
                     )
             lists = [None if tensors is None else list(map(_meta, tensors)) for tensors in lists]
         check_sync(*lists, alpha, momentum, bucket.names or ())
+        if quantized:
+            check_quantizable(lists[0], lists[1], bucket.names or ())
 
 
 def _meta(tensor: torch.Tensor) -> torch.Tensor:

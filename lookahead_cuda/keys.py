@@ -47,11 +47,14 @@ STATE_PREFIX = "lookahead_"
 # Only in a state dict taken in evaluation mode, where the parameters hold the slow weights: the
 # fast weights.
 FAST_PARAM = "fast_param"
-# Only when a streamed fragment's average was in flight (Lookahead(sync_delay=...)): the average,
-# in the slow dtype, for each parameter of the fragment, or that its sync is to restore instead.
-# The same on every worker, so not stacked.
-IN_FLIGHT_AVERAGE = "in_flight_average"
-IN_FLIGHT_RESTORE = "in_flight_restore"
+# With streamed averages (Lookahead(sync_delay=...)), in every parameter's entry, so that the keys
+# do not depend on the step a dict was taken at (torch.distributed.checkpoint loads only the keys
+# of a dict taken from the optimizer it loads into): whether the parameter's fragment had an
+# average in flight (IN_FLIGHT_NONE, IN_FLIGHT_AVERAGE or, to restore instead, IN_FLIGHT_RESTORE),
+# and that average in the slow dtype (zeros when none). The same on every worker, so not stacked.
+IN_FLIGHT = "in_flight"
+IN_FLIGHT_VALUE = "in_flight_average"
+IN_FLIGHT_NONE, IN_FLIGHT_AVERAGE, IN_FLIGHT_RESTORE = 0, 1, 2
 # Only with a process group (DiLoCo), where each worker's replica differs between syncs: every
 # worker's fast weights and inner optimizer state, stacked along a first dimension of the group's
 # size, so that one process can save the dict and every process resume its own replica from it.

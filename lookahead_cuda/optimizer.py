@@ -161,24 +161,31 @@ class Lookahead(Optimizer):
             raise TypeError("Lookahead cannot wrap another Lookahead")
         values = (k, alpha, inner_state, slow_dtype, nonfinite, momentum, nesterov)
         settings = dict(zip(SETTINGS, values))
-        if not isinstance(capturable, bool):
-            raise TypeError(f"Invalid capturable: {capturable!r}; expected True or False")
-        self._workers = diloco.Workers(
-            process_group, pseudo_gradient_dtype, capturable, fragments, sync_delay, fragment_mixing
-        )
-        self._copies = SlowCopies(slow_device, capturable)
         self.optimizer = optimizer
         self.capturable = capturable
-        self._check_settings(settings, "Lookahead()")
-        for group in optimizer.param_groups:
-            self._check_settings({**settings, **group}, "a param group of the inner optimizer")
+        self._workers = diloco.Workers(
+            process_group, pseudo_gradient_dtype, fragments, sync_delay, fragment_mixing
+        )
+        groups = [{**settings, **group} for group in optimizer.param_groups]
 
+        def check_arguments() -> None:
+            if not isinstance(capturable, bool):
+                raise TypeError(f"Invalid capturable: {capturable!r}; expected True or False")
+            self._workers.check(capturable)
+            self._copies = SlowCopies(slow_device, capturable)
+            self._check_settings(settings, "Lookahead()")
+            for index, group in enumerate(groups):
+                self._check_settings(group, "a param group of the inner optimizer")
+                self._workers.fragment_of(index, group["params"])
+
+        # DiLoCo's workers check alike: one that rejects its arguments makes all raise.
+        self._workers.checked(check_arguments, lambda: diloco.describe(groups, self._workers))
         self.slow_device = self._copies.slow_device
         #: Lookahead's own per-parameter state: ``slow_param``, ``outer_momentum``, the pullback
         #: buffers' slow copies (``slow_exp_avg``, ...), and in each group's first parameter the
         #: ``step`` counter (and with ``nonfinite="restore"``, the ``nonfinite_restores`` count).
         self.lookahead_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
-        self._counters = StepCounters(self.lookahead_state, capturable)
+        self._counters = StepCounters(self.lookahead_state, capturable, self._workers)
         self._planner = Planner(self.lookahead_state, self._copies, self._counters, self._workers)
         offload = StagingBuffers() if self.slow_device is not None else None
         self._outer_step = OuterStep(
@@ -198,7 +205,6 @@ class Lookahead(Optimizer):
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **settings})
         self._adopting = False
         if process_group is not None:
-            self._workers.agree(diloco.describe(self.param_groups, self._workers.options()), None)
             params = (p for group in self.param_groups for p in group["params"])
             diloco.broadcast_from_first_worker(params, process_group)
 
@@ -372,13 +378,18 @@ class Lookahead(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self._give_settings_to_added_groups()
+        in_flight = None
+        if self._workers.sync_delay:
+            # An average that arrives now is read against the slow weights: in their copies.
+            with self._mode.left() if self._outer_step.waiting() else contextlib.nullcontext():
+                in_flight = self._outer_step.in_flight()
         state_dict = checkpoint.dump(
             self.optimizer.state_dict(),
             [p for group in self.param_groups for p in group["params"]],
             self.lookahead_state,
             self._mode.fast_elsewhere(),
             {param: slow for param, (slow, _) in self._mode.slow_and_fast().items()},
-            self._outer_step.in_flight(),
+            in_flight,
             self.process_group,
         )
         for post_hook in self._optimizer_state_dict_post_hooks.values():

@@ -46,6 +46,21 @@ Sync = tuple[Planned, Optional[int], bool]
 
 
 @dataclass
+class Prepared:
+    """A sync whose collectives have ended: what its writes need."""
+
+    planned: Planned
+    weights: Buckets
+    params: tuple[torch.Tensor, ...]
+    due: torch.Tensor | None
+    restore: torch.Tensor | None
+    ends_cycle: bool
+    coefficients: Coefficients
+    streamed: Streamed | None
+    averages: dict[torch.Tensor, torch.Tensor]  # fast tensor -> its new value (or average)
+
+
+@dataclass
 class Streamed:
     """A streamed fragment's average, started ``sync_delay`` steps before its outer step.
 
@@ -53,19 +68,19 @@ class Streamed:
         fast: the fast tensors whose average it is.
         restore: the divergence guard's decision at the start (None: no guard).
         averaging: the collectives in flight (None once arrived, or when restoring).
-        means: once arrived, the average for each fast tensor, by its id.
+        means: once arrived, the average for each fast tensor.
     """
 
     fast: list[torch.Tensor]
     restore: torch.Tensor | None
     averaging: functional.Averaging | None
-    means: dict[int, torch.Tensor] | None
+    means: dict[torch.Tensor, torch.Tensor] | None
 
-    def arrived(self) -> dict[int, torch.Tensor]:
-        """The average, waiting for the collectives if they are still running."""
+    def arrived(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The average by fast tensor, waiting for the collectives if they are still running."""
         if self.means is None:
             assert self.averaging is not None
-            self.means = {id(fast): mean for fast, mean in self.averaging.wait()}
+            self.means = dict(self.averaging.wait())
             self.averaging = None
         return self.means
 
@@ -119,14 +134,13 @@ class OuterStep:
         with self._counters.kept_on_failure(groups), self._kept():
             for group in groups:
                 self._counters.count(group, skipped)
-            on_host, on_device = self._counters.due(planned, self._workers.fragments)
+            on_host, on_device = self._counters.due(planned)
             if on_host:
                 self.run(on_host, gated=False)
             if on_device:
                 self.run([(entry, None, True) for entry in on_device], gated=True)
             if self._workers.sync_delay:
-                fragments, delay = self._workers.fragments, self._workers.sync_delay
-                self.start(self._counters.starting(planned, fragments, delay))
+                self.start(self._counters.starting(planned))
 
     def run_all(self, planned: Sequence[Planned]) -> None:
         """Every weight of each of ``planned`` synced now, and their counts restarted."""
@@ -134,63 +148,92 @@ class OuterStep:
 
     def run(self, syncs: Sequence[Sync], *, gated: bool) -> None:
         """The sync of each of ``syncs``: unconditionally (the host knows they are due), or,
-        with ``gated``, of each one whose count has reached k, decided on the device."""
+        with ``gated``, of each one whose count has reached k, decided on the device. Every
+        collective of every sync (the guards' agreement, the averages) ends before any tensor is
+        written, so that one that fails leaves them all as they were."""
+        prepared = [self._communicate(sync, gated) for sync in syncs]
         unconditional: dict[Coefficients, list[Buckets]] = {}
-        pulled_back: set[int] = set()
-        flags = []
-        for (index, group, plan), fragment, ends_cycle in syncs:
-            weights = plan.weights if fragment is None else plan.fragments[fragment]
-            params = plan.params if fragment is None else plan.fragment_params[fragment]
-            due = self._counters.due_on_device(group) if gated else None
-            momentum = float(group[MOMENTUM])  # a Python float even where torch.compile traces one
-            coefficients = (group[ALPHA], momentum, group[NESTEROV] or momentum == 0)
-            calls = [(coefficients, weights)]
-            streamed = self._streamed.pop((index, fragment), None) or self._take_resumed(weights)
-            if streamed is not None:
-                restore = streamed.restore
-                if restore is None or not bool(restore):
-                    self._finish_streamed(streamed, weights, coefficients)
-                    calls = []
+        uncached: set[Coefficients] = set()  # merges that hold buckets made for this sync only
+        for sync in prepared:
+            index, group, _ = sync.planned
+            calls = [(sync.coefficients, sync.weights, True)]
+            if sync.streamed is not None:
+                self._finish_streamed(sync.averages, sync.weights, sync.coefficients)
+                calls = []
             else:
-                restore = self._guard(group, plan, weights, due)
-                if self._workers.group is not None:
-                    functional.average_over_workers(
-                        weights,
-                        self._workers.group,
-                        pseudo_gradient_dtype=self._workers.pseudo_gradient_dtype,
-                    )
+                for fast, mean in sync.averages.items():
+                    fast.copy_(mean)
             if group[INNER_STATE] == "pullback":
                 # First moments have no outer momentum of their own: they are interpolated with
                 # alpha whatever the weights' outer step is.
-                buckets = self._pullback_buckets(index, group, params)
-                pulled_back.add(id(buckets))
-                calls.append(((group[ALPHA], 0.0, True), buckets))
-            for (alpha, mu, nesterov), buckets in calls:
-                if due is None and restore is None:
+                buckets = self._pullback_buckets(index, group, sync.params)
+                calls.append(((group[ALPHA], 0.0, True), buckets, False))
+            for (alpha, mu, nesterov), buckets, planned_buckets in calls:
+                if sync.due is None and sync.restore is None:
                     unconditional.setdefault((alpha, mu, nesterov), []).append(buckets)
+                    if not planned_buckets:
+                        uncached.add((alpha, mu, nesterov))
                 else:
                     functional.sync_buckets(
                         buckets,
                         alpha,
                         momentum=mu,
                         nesterov=nesterov,
-                        due=due,
-                        restore=restore,
+                        due=sync.due,
+                        restore=sync.restore,
                         offload=self._offload,
                     )
-            flags.append((group, params, due, restore, ends_cycle))
         for (alpha, mu, nesterov), many in unconditional.items():
             functional.sync_buckets(
-                self._merge(many, cache=not pulled_back.intersection(map(id, many))),
+                self._merge(many, cache=(alpha, mu, nesterov) not in uncached),
                 alpha,
                 momentum=mu,
                 nesterov=nesterov,
                 offload=self._offload,
             )
-        for group, params, due, restore, ends_cycle in flags:
-            self._counters.restart(group, due, restore, ends_cycle)
+        for sync in prepared:
+            group = sync.planned[1]
+            self._counters.restart(group, sync.due, sync.restore, sync.ends_cycle)
             if group[INNER_STATE] == "reset":
-                self._initial_inner_state.reset(self._inner.state, params)
+                self._initial_inner_state.reset(self._inner.state, sync.params)
+
+    def _communicate(self, sync: Sync, gated: bool) -> Prepared:
+        """One sync's collectives, nothing written: the guard's flag (agreed over the workers) and
+        the average over the workers, or the streamed average that arrives now."""
+        (index, group, plan), fragment, ends_cycle = sync
+        weights = plan.weights if fragment is None else plan.fragments[fragment]
+        params = plan.params if fragment is None else plan.fragment_params[fragment]
+        due = self._counters.due_on_device(group) if gated else None
+        momentum = float(group[MOMENTUM])  # a Python float even where torch.compile traces one
+        coefficients = (group[ALPHA], momentum, group[NESTEROV] or momentum == 0)
+        averages: dict[torch.Tensor, torch.Tensor] = {}
+        streamed = self._streamed.pop((index, fragment), None) or self._take_resumed(weights)
+        if streamed is not None:
+            restore = streamed.restore
+            if restore is not None and bool(restore):
+                streamed = None  # restored from the slow weights, as an unstreamed sync does
+            else:
+                averages = streamed.arrived()
+        else:
+            restore = self._guard(group, plan, weights, due)
+            if self._workers.group is not None:
+                averaging = functional.start_average(
+                    weights,
+                    self._workers.group,
+                    pseudo_gradient_dtype=self._workers.pseudo_gradient_dtype,
+                )
+                averages = dict(averaging.wait())
+        return Prepared(
+            (index, group, plan),
+            weights,
+            params,
+            due,
+            restore,
+            ends_cycle,
+            coefficients,
+            streamed,
+            averages,
+        )
 
     def start(self, starting: Sequence[tuple[Planned, int]]) -> None:
         """Start the average of each of ``starting`` (a group and one of its fragments), whose
@@ -210,6 +253,10 @@ class OuterStep:
             fast = [f for bucket in weights.values() for f in bucket.fast]
             self._streamed[index, fragment] = Streamed(fast, restore, averaging, None)
 
+    def waiting(self) -> bool:
+        """Whether a streamed average still has collectives running."""
+        return any(streamed.averaging is not None for streamed in self._streamed.values())
+
     def in_flight(self) -> dict[torch.Tensor, torch.Tensor | None]:
         """The streamed averages started and not yet applied, by fast tensor (None: its sync is
         to restore), waiting for those still in flight: what a checkpoint saves of them."""
@@ -219,7 +266,7 @@ class OuterStep:
                 averages.update(dict.fromkeys(streamed.fast, None))
             else:
                 means = streamed.arrived()
-                averages.update((fast, means[id(fast)]) for fast in streamed.fast)
+                averages.update((fast, means[fast]) for fast in streamed.fast)
         return averages
 
     def resume(self, averages: dict[torch.Tensor, torch.Tensor | None]) -> None:
@@ -237,7 +284,7 @@ class OuterStep:
         averages = [self._resumed.pop(f) for f in fast]
         if any(average is None for average in averages):
             return Streamed(fast, torch.tensor(True), None, {})
-        return Streamed(fast, None, None, {id(f): a for f, a in zip(fast, averages)})
+        return Streamed(fast, None, None, dict(zip(fast, averages)))
 
     def finish_in_flight(self) -> None:
         """Let the averages in flight end, and forget them (a sync of every fragment now, or a
@@ -273,18 +320,20 @@ class OuterStep:
         return functional.nonfinite_flag(weights, group["params"][0].device, due, agree_over)
 
     def _finish_streamed(
-        self, streamed: Streamed, weights: Buckets, coefficients: Coefficients
+        self,
+        averages: Mapping[torch.Tensor, torch.Tensor],
+        weights: Buckets,
+        coefficients: Coefficients,
     ) -> None:
         """A streamed fragment's outer step: on the average of what the workers sent when it
         started, from the slow weights (which have not changed since); then each worker's fast
         weights, which went on for sync_delay steps, are mixed with the new global ones,
         ``fast <- mixing * fast + (1 - mixing) * global``."""
         alpha, mu, nesterov = coefficients
-        means = streamed.arrived()
         for bucket in weights.values():
             if not bucket.fast:
                 continue
-            averaged = [means[id(f)] for f in bucket.fast]
+            averaged = [averages[f] for f in bucket.fast]
             global_weights = Bucket(bucket.slow, averaged, bucket.momentum)
             functional.sync_buckets(
                 {(averaged[0].device, bucket.slow[0].dtype, averaged[0].dtype): global_weights},
@@ -295,22 +344,26 @@ class OuterStep:
             )
             mixing = self._workers.fragment_mixing
             global_fast = [g.to(f.dtype) for g, f in zip(averaged, bucket.fast)]
-            torch._foreach_lerp_(bucket.fast, global_fast, 1.0 - mixing)
+            if mixing == 0.0:  # the global weights, even where a local one went non-finite
+                torch._foreach_copy_(bucket.fast, global_fast)
+            else:
+                torch._foreach_lerp_(bucket.fast, global_fast, 1.0 - mixing)
 
     def _merge(self, many: list[Buckets], cache: bool) -> Buckets:
         """The buckets of ``many`` joined, so that they sync in one call per bucket key; the
         plans' own buckets are joined once while the plans last."""
         if len(many) == 1:
             return many[0]
+        if not cache or torch.compiler.is_compiling():  # a traced merge runs once, when traced
+            return functional.merge_buckets(many)
         key = tuple(map(id, many))
         kept = self._merged.get(key)
         if kept is not None and all(map(operator.is_, kept[0], many)):
             return kept[1]
         merged = functional.merge_buckets(many)
-        if cache:
-            if len(self._merged) >= 8:  # plans replaced since: their merges are stale
-                self._merged.clear()
-            self._merged[key] = (many, merged)
+        if len(self._merged) >= 8:  # plans replaced since: their merges are stale
+            self._merged.clear()
+        self._merged[key] = (many, merged)
         return merged
 
     def _pullback_buckets(

@@ -37,6 +37,11 @@ from lookahead_cuda.ops import SUPPORTED_DTYPE_PAIRS, TensorFingerprint
 from lookahead_cuda.slow_copies import SlowCopies
 
 
+def _raise(failure: BaseException | None) -> None:
+    if failure is not None:
+        raise failure
+
+
 def with_momentum(group: Mapping[str, Any]) -> bool:
     """Whether the group's syncs take the outer-momentum step (and keep its buffers)."""
     # A branch, not bool(): torch.compile may trace a float setting as a symbolic float, and only a
@@ -130,9 +135,20 @@ class Planner:
         agree (:meth:`diloco.Workers.agree`) before a step that may sync."""
         if self._workers.group is None:
             return self._planned(groups, may_sync, check_settings)
-        # DiLoCo: before a step that may sync, every worker agrees that all have the same settings
-        # and shapes and that none rejected its plans, or all raise: a worker alone in a
-        # collective would wait for the others until the timeout.
+        # DiLoCo: before a step that may sync, and before new parameters get slow weights (from
+        # the first worker's, broadcast), every worker agrees that all have the same settings and
+        # shapes and that none rejected its plans, or all raise: a worker alone in a collective
+        # would wait for the others until the timeout.
+        new = [
+            param
+            for index, group in enumerate(groups)
+            if group["params"] and not self._current(index, group)
+            for param in group["params"]
+            if SLOW_PARAM not in self._state.get(param, {})
+        ]
+        if new:
+            self._workers.checked(lambda: None, lambda: self._description(groups))
+            diloco.broadcast_from_first_worker(new, self._workers.group)
         failure: BaseException | None = None
         try:
             planned = self._planned(groups, may_sync, check_settings)
@@ -140,14 +156,17 @@ class Planner:
             failure, planned = error, []
         counted = [bool(g["params"]) and self._counters.exists(g) for g in groups]
         if any(may_sync(g) for g, known in zip(groups, counted) if known):
-            counts = [
-                int(self._counters.of(g)) if known else None for g, known in zip(groups, counted)
-            ]
-            description = diloco.describe(groups, self._workers.options(), counts)
-            self._workers.agree(description, failure)
+            self._workers.checked(lambda: _raise(failure), lambda: self._description(groups))
         if failure is not None:
             raise failure
         return planned
+
+    def _description(self, groups: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
+        counts = [
+            int(self._counters.of(g)) if g["params"] and self._counters.exists(g) else None
+            for g in groups
+        ]
+        return diloco.describe(groups, self._workers, counts)
 
     def _planned(
         self,
@@ -173,11 +192,16 @@ class Planner:
         """The plan of the tensors the group holds now: found by (index, first tensor, length)
         and an identity check of every tensor, or made (slow weights taken) if they are new."""
         params = group["params"]
-        key = (index, id(params[0]), len(params))
-        plan = self._plans.get(key)
-        if plan is None or not plan.holds(params, with_momentum(group)):
-            plan = self._plans[key] = self._make(index, group)
+        plan = self._current(index, group)
+        if plan is None:
+            plan = self._plans[(index, id(params[0]), len(params))] = self._make(index, group)
         return plan
+
+    def _current(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
+        """The plan of the tensors the group holds now, if one was made."""
+        params = group["params"]
+        plan = self._plans.get((index, id(params[0]), len(params)))
+        return plan if plan is not None and plan.holds(params, with_momentum(group)) else None
 
     def validated(self, index: int, group: dict[str, Any], plan: GroupPlan) -> GroupPlan:
         """``plan``, validated as its sync will be, so that a sync either runs or changes
@@ -194,6 +218,7 @@ class Planner:
             group[ALPHA],
             momentum=group[MOMENTUM],
             offload=self._copies.slow_device is not None,
+            quantized=self._workers.pseudo_gradient_dtype == functional.QUANTIZED,
         )
         plan.validated = TensorFingerprint(plan.tensors())
         return plan
@@ -221,8 +246,6 @@ class Planner:
                 missing.append((param, dtype))
         momentum = with_momentum(group)
         with torch.no_grad():
-            if self._workers.group is not None and missing:
-                diloco.broadcast_from_first_worker((p for p, _ in missing), self._workers.group)
             for param, dtype in missing:
                 self._state[param][SLOW_PARAM] = self._copies.copy(param, dtype, param)
             if momentum:

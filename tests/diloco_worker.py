@@ -93,8 +93,8 @@ def resume_scenario(
         dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
     else:
         saved = opt.state_dict()  # every process calls it: it gathers the workers' replicas
-        if extra.get("sync_delay"):  # the average in flight travels with the checkpoint
-            assert any("lookahead_in_flight_average" in e for e in saved["state"].values())
+        if extra.get("sync_delay"):  # an average in flight travels with the checkpoint
+            assert all("lookahead_in_flight_average" in e for e in saved["state"].values())
         if rank == 0:
             torch.save(saved, path)
     dist.barrier()
@@ -148,7 +148,18 @@ def grad_scaler_scenario(rank: int, world: int) -> dict:
     return {**state(model, opt), "counts": counts, "scale": scaler.get_scale()}
 
 
-DISAGREEMENTS = ("alpha", "k", "restore", "extra-parameter", "transposed", "rejected-sync")
+DISAGREEMENTS = (
+    "alpha",
+    "k",
+    "restore",
+    "extra-parameter",
+    "transposed",
+    "fragments",
+    "added-group",
+    "rejected-construction",
+    "rejected-sync",
+)
+ADDED_GROUP_AT = 2  # the step before which the last worker adds a param group
 
 
 def disagreement_scenario(case: str, rank: int, world: int) -> dict:
@@ -161,14 +172,22 @@ def disagreement_scenario(case: str, rank: int, world: int) -> dict:
     if odd and case == "extra-parameter":
         params.append(nn.Parameter(torch.randn(3, dtype=torch.float64)))
     settings = dict(SETTINGS)
+    if case == "fragments":  # the same number of fragments, the parameters in them swapped
+        settings.update(
+            k=4, fragments=[params[1:], params[:1]] if odd else [params[:1], params[1:]]
+        )
     if odd:
         settings.update({"alpha": {"alpha": 0.5}, "k": {"k": K + 1}}.get(case, {}))
         if case == "restore":
             settings["nonfinite"] = "restore"
+        if case == "rejected-construction":
+            settings["sync_delay"] = K  # alone, this worker raises: sync_delay < k
     step = 0
     try:
         opt = Lookahead(torch.optim.SGD(params, lr=LR), process_group=dist.group.WORLD, **settings)
         for step in range(1, STEPS + 1):
+            if odd and case == "added-group" and step == ADDED_GROUP_AT:
+                opt.add_param_group({"params": [nn.Parameter(torch.randn(4, dtype=torch.float64))]})
             if odd and case == "rejected-sync" and step == K:
                 params[0].data = torch.randn(
                     3, 3, dtype=torch.float64
@@ -231,11 +250,13 @@ def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
         return train_scenario(rank, world, slow_device="cpu")
     if scenario in ("resume", "resume-dcp"):
         return resume_scenario(rank, world, out, distributed=scenario == "resume-dcp")
-    if scenario in ("resume-streamed", "resume-streamed-dcp"):
-        # Saved 5 steps in, one step into the second cycle: fragment 0's average is in flight.
+    if scenario.startswith("resume-streamed"):
+        # Saved 5 steps in, one step into the second cycle: fragment 0's average is in flight;
+        # "idle": 6 steps in, none is (fragment 0 has synced, fragment 1's starts at the next).
         streamed = {"k": 4, "fragments": 2, "sync_delay": 1}
-        distributed = scenario.endswith("dcp")
-        return resume_scenario(rank, world, out, distributed, saved_at=5, **streamed)
+        distributed = "dcp" in scenario
+        saved_at = 6 if scenario.endswith("idle") else 5
+        return resume_scenario(rank, world, out, distributed, saved_at, **streamed)
     if scenario == "guard":
         return guard_scenario(rank, world)
     if scenario == "grad-scaler":

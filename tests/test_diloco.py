@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from diloco_worker import (
+    ADDED_GROUP_AT,
     DISAGREEMENTS,
     LR,
     SETTINGS,
@@ -205,12 +206,21 @@ def test_slow_weights_in_host_memory(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "scenario", ["resume", "resume-dcp", "resume-streamed", "resume-streamed-dcp"]
+    "scenario",
+    [
+        "resume",
+        "resume-dcp",
+        "resume-streamed",
+        "resume-streamed-dcp",
+        "resume-streamed-idle",
+        "resume-streamed-dcp-idle",
+    ],
 )
 def test_checkpoints_resume_exactly(scenario, tmp_path):
     for result in run_workers(scenario, tmp_path, 2, WORKER):
-        # Streamed (k = 4, 2 fragments, delay 1): saved at step 5, fragment 0 in flight.
-        assert result["counter_at_load"] == (5 % 4 if "streamed" in scenario else 7 % K)
+        # Streamed (k = 4, 2 fragments, delay 1): saved at step 5 (fragment 0 in flight) or 6.
+        saved_at = (6 if scenario.endswith("idle") else 5) if "streamed" in scenario else 7
+        assert result["counter_at_load"] == saved_at % (4 if "streamed" in scenario else K)
         for key in ("fast", "slow", "momentum"):
             for a, b in zip(result["resumed"][key], result["straight"][key]):
                 assert torch.equal(a, b), key
@@ -234,8 +244,17 @@ EXPLAINED = {
     "restore": "disagree on nonfinite of param group 0: worker 0 has 'propagate', worker 1 has",
     "extra-parameter": "disagree on the number of parameters of param group 0",
     "transposed": "parameter 0 of param group 0: worker 0 has shape (2, 8)",
-    "rejected-sync": "a sync was rejected, so no worker syncs: worker 1: ValueError",
+    "fragments": "parameter 0 of param group 0: worker 0 has shape (2, 8), strides (8, 1), "
+    "torch.float64, fragment 0, worker 1 has shape (2, 8), strides (8, 1), torch.float64, "
+    "fragment 1",
+    "added-group": "disagree on the number of param groups: worker 0 has 1, worker 1 has 2",
+    "rejected-construction": "rejected by a worker, so every worker raises: worker 1: "
+    "ValueError: Invalid sync_delay",
+    "rejected-sync": "rejected by a worker, so every worker raises: worker 1: ValueError",
 }
+# The step each worker raised at (0: the constructor) where not the constructor on both: the
+# rejected sync's, and for the added group, where each worker next meets the others.
+RAISED_AT = {"rejected-sync": [K, K], "added-group": [K, ADDED_GROUP_AT]}
 
 
 @pytest.mark.parametrize("case", DISAGREEMENTS)
@@ -245,9 +264,7 @@ def test_workers_that_disagree_all_raise_the_same_error_and_none_hangs(case, tmp
     errors = [result["error"] for result in results]
     assert errors[0] is not None and errors[0] == errors[1], errors
     assert EXPLAINED[case] in errors[0]
-    # Found at construction, before the first collective of the broadcast; a rejected sync at
-    # the step whose sync it would be.
-    assert [result["step"] for result in results] == [K if case == "rejected-sync" else 0] * 2
+    assert [result["step"] for result in results] == RAISED_AT.get(case, [0, 0])
 
 
 def test_workers_whose_inner_states_differ_save_and_resume_their_own(tmp_path):

@@ -109,6 +109,16 @@ BAD_DICTS = {
         r"has shape \(5,\)",
     ),
     "unknown entry": (bad_entry("lookahead_bogus", torch.zeros(1)), ValueError, "no such entry"),
+    "unknown in-flight code": (
+        bad_entry("lookahead_in_flight", torch.tensor(3, dtype=torch.int8)),
+        ValueError,
+        "must be 0, 1 or 2, got 3",
+    ),
+    "in-flight code without its average": (
+        bad_entry("lookahead_in_flight", torch.tensor(1, dtype=torch.int8)),
+        ValueError,
+        "comes without lookahead_in_flight_average",
+    ),
     "bad k": (
         lambda sd: sd["param_groups"][0].update(lookahead_k=0),
         ValueError,
