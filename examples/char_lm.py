@@ -199,11 +199,13 @@ def evaluate(model: nn.Module, batches: Sequence[Batch]) -> float:
 
 @dataclass
 class Curve:
-    """Validation loss at ``steps`` (0: before training), and the training wall time."""
+    """Validation loss at ``steps`` (0: before training), and the training wall time: in all, and
+    of each step."""
 
     steps: list[int]
     validation: list[float]
     seconds: float
+    step_seconds: list[float]
 
 
 def train(
@@ -214,11 +216,13 @@ def train(
     validation: Sequence[Batch],
     eval_every: int,
     schedule: Callable[[int], float] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> Curve:
     """``steps`` optimizer steps on batches from ``data``, the validation loss every ``eval_every``
     steps and at the end. Lookahead (SNOO included) is evaluated on its slow weights: they are
     the model it returns, and what the SNOO paper evaluates. ``schedule`` scales every group's
-    learning rate per step (the inner rate, for Lookahead)."""
+    learning rate per step (the inner rate, for Lookahead). ``after_step(step)`` runs after each
+    step, outside its timing (to read a counter, say)."""
     scheduler = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def validate() -> float:
@@ -227,8 +231,7 @@ def train(
                 return evaluate(model, validation)
         return evaluate(model, validation)
 
-    curve = Curve([0], [validate()], 0.0)
-    clock = 0.0
+    curve = Curve([0], [validate()], 0.0, [])
     for step in range(1, steps + 1):
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -236,9 +239,11 @@ def train(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        clock += time.perf_counter() - started
+        curve.step_seconds.append(time.perf_counter() - started)
+        if after_step is not None:
+            after_step(step)
         if step % eval_every == 0 or step == steps:
             curve.steps.append(step)
             curve.validation.append(validate())
-    curve.seconds = clock
+    curve.seconds = sum(curve.step_seconds)
     return curve
