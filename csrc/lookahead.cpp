@@ -18,6 +18,7 @@
 #include "op_declarations.h"
 #include "op_handles.h"
 #include "python_calls.h"
+#include "quantization.h"
 #include "tensor_fingerprint.h"
 #include "validation.h"
 
@@ -94,6 +95,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::vector<std::string>{LOOKAHEAD_FOR_EACH_OP(LOOKAHEAD_OP_NAME)};
 #undef LOOKAHEAD_OP_NAME
   }, "The names of the ops registered under torch.ops.lookahead_cuda (csrc/op_declarations.h).");
+  m.def("quantization_block", [] { return lookahead::kQuantizationBlock; },
+        "Elements per block of the 8-bit pseudo-gradients (quantization.h).");
   m.def("supported_dtype_pairs", [] {
     std::vector<std::pair<std::string, std::string>> pairs;
     for (const auto& [slow, fast] : lookahead::supported_pairs()) {

@@ -17,6 +17,10 @@
 // found_nonfinite_(tensors, found, due): found <- found or (some element is NaN or infinite); nothing
 //   read unless due (a one-element bool tensor on the device; None: always), so that a step whose
 //   sync is decided on the device checks the weights only when the sync is due.
+// quantize_pseudo_gradients_(slow, fast, payload, scales): the pseudo-gradients slow - fast in 8
+//   bits (quantization.h): payload (int8, one per element) and scales (float32, one per block).
+// dequantize_mean_(slow, out, payloads, scales): out <- slow - the mean of every worker's
+//   dequantized pseudo-gradients (payloads and scales: one row per worker).
 //
 // X(name, schema, signature...): the signature last, since its commas would split a macro argument.
 #pragma once
@@ -45,7 +49,14 @@
          const std::optional<at::Tensor>&))                                                      \
   X(found_nonfinite_,                                                                            \
     "found_nonfinite_(Tensor[] tensors, Tensor(a!) found, Tensor? due=None) -> ()",              \
-    void(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&))
+    void(at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&))                   \
+  X(quantize_pseudo_gradients_,                                                                  \
+    "quantize_pseudo_gradients_(Tensor[] slow, Tensor[] fast, Tensor(a!) payload, "              \
+    "Tensor(b!) scales) -> ()",                                                                  \
+    void(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&))                  \
+  X(dequantize_mean_,                                                                            \
+    "dequantize_mean_(Tensor[] slow, Tensor(a!)[] out, Tensor payloads, Tensor scales) -> ()",   \
+    void(at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&))
 
 namespace lookahead {
 

@@ -120,6 +120,45 @@ struct OpSpec<Op::found_nonfinite_> {
   }
 };
 
+// The 8-bit ops take flat tensors only (validation refuses others): no ATen path, and so no
+// devices but those with a kernel (the CPU and CUDA). Empty lists, which name no device, are fine.
+inline void only_with_kernels(const char* op, const std::vector<size_t>& indices) {
+  TORCH_CHECK_NOT_IMPLEMENTED(indices.empty(), op, " runs on the CPU and on CUDA only");
+}
+
+template <>
+struct OpSpec<Op::quantize_pseudo_gradients_> {
+  static Layout validate(at::TensorList slow, at::TensorList fast, const at::Tensor& payload,
+                         const at::Tensor& scales) {
+    return validate_quantization("quantize_pseudo_gradients_", slow, fast, payload, scales,
+                                 /*gathered=*/false);
+  }
+  static void aten(const std::vector<size_t>& indices, at::TensorList, at::TensorList,
+                   const at::Tensor&, const at::Tensor&) {
+    only_with_kernels("quantize_pseudo_gradients_", indices);
+  }
+  static void bump(at::TensorList, at::TensorList, const at::Tensor& payload,
+                   const at::Tensor& scales) {
+    bump_versions({payload, scales});
+  }
+};
+
+template <>
+struct OpSpec<Op::dequantize_mean_> {
+  static Layout validate(at::TensorList slow, at::TensorList out, const at::Tensor& payloads,
+                         const at::Tensor& scales) {
+    return validate_quantization("dequantize_mean_", slow, out, payloads, scales,
+                                 /*gathered=*/true);
+  }
+  static void aten(const std::vector<size_t>& indices, at::TensorList, at::TensorList,
+                   const at::Tensor&, const at::Tensor&) {
+    only_with_kernels("dequantize_mean_", indices);
+  }
+  static void bump(at::TensorList, at::TensorList out, const at::Tensor&, const at::Tensor&) {
+    bump_versions(out);
+  }
+};
+
 // Runs op with flat_kernel(layout.flat) for the tensors a kernel of ours takes.
 template <Op op, typename FlatKernel, typename... Args>
 void run(const FlatKernel& flat_kernel, const Args&... args) {

@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 #include "dtype_pairs.h"
+#include "quantization.h"
 
 namespace lookahead {
 
@@ -347,7 +349,7 @@ Layout validate_written_lists(const char* op, c10::ArrayRef<NamedList> lists,
     for (const NamedList& list : lists.slice(1)) {
       flat = flat && same_element_order(s, list.tensors[i]);
     }
-    FlatItem item{{}, s.numel()};
+    FlatItem item{{}, s.numel(), i};
     for (size_t l = 0; l < lists.size(); ++l) {
       const at::Tensor& t = lists[l].tensors[i];
       if (!flat) check_no_self_overlap(op, t, [&] { return names(lists[l].name, i); });
@@ -386,6 +388,63 @@ Layout validate_momentum_update(const char* op, at::TensorList slow, at::TensorL
   return validate_written_lists(op, lists, names);
 }
 
+Layout validate_quantization(const char* op, at::TensorList slow, at::TensorList fast,
+                             const at::Tensor& payload, const at::Tensor& scales, bool gathered) {
+  const NamedList lists[] = {{"slow", slow}, {"fast", fast}};
+  Layout layout = validate_written_lists(op, lists, ArgumentNames());
+  for (const size_t i : layout.strided) {
+    TORCH_CHECK_VALUE(false, op, ": slow[", i, "] and fast[", i,
+                      "] are not flat arrays in one element order (dense, with the same strides); "
+                      "quantized pseudo-gradients are sent in memory order");
+  }
+  // Traced with dynamic shapes (torch.compile), sizes are symbolic: the checks of sizes are left to
+  // the real call, as for the lists.
+  const auto symbolic = [](const at::Tensor& t) {
+    return t.defined() && t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  };
+  bool sized = !symbolic(payload) && !symbolic(scales);
+  for (const at::Tensor& s : slow) sized = sized && !symbolic(s);
+  int64_t elements = 0;
+  int64_t blocks = 0;
+  std::vector<std::pair<int64_t, int64_t>> offsets;  // by list index: (element, block)
+  offsets.reserve(slow.size());
+  for (const at::Tensor& s : slow) {
+    offsets.emplace_back(elements, blocks);
+    if (!sized) continue;
+    elements += s.numel();
+    blocks += quantization_blocks(s.numel());
+  }
+  for (const auto& [tensor, name, dtype, count] :
+       {std::tuple{&payload, gathered ? "payloads" : "payload", at::kChar, elements},
+        std::tuple{&scales, "scales", at::kFloat, blocks}}) {
+    TORCH_CHECK_VALUE(tensor->defined(), op, ": ", name, " is an undefined tensor");
+    TORCH_CHECK_TYPE(tensor->scalar_type() == dtype, op, ": ", name, " must be ",
+                     dtype_name(dtype), ", got ", dtype_name(tensor->scalar_type()));
+    TORCH_CHECK_VALUE(slow.empty() || tensor->device() == slow[0].device(), op, ": ", name,
+                      " is on ", tensor->device(), " but the tensors are on ", slow[0].device());
+    if (!sized) continue;
+    TORCH_CHECK_VALUE(tensor->layout() == at::kStrided && tensor->is_contiguous(), op, ": ", name,
+                      " must be a contiguous dense tensor");
+    const int64_t dims = gathered ? 2 : 1;
+    TORCH_CHECK_VALUE(tensor->dim() == dims && tensor->size(dims - 1) == count &&
+                          (!gathered || tensor->size(0) == payload.size(0)),
+                      op, ": ", name, " must have shape ", gathered ? "(workers, " : "(", count,
+                      ") for these tensors, got ", tensor->sizes());
+  }
+  if (!sized) return layout;
+  TORCH_CHECK_VALUE(!gathered || payload.size(0) > 0, op, ": payloads holds no worker's");
+  if (!payload.is_meta()) {
+    auto* q = static_cast<char*>(payload.data_ptr());
+    auto* scale = static_cast<char*>(scales.data_ptr());
+    for (FlatItem& item : layout.flat) {
+      const auto [element, block] = offsets[item.index];
+      item.data[2] = q + element;
+      item.data[3] = scale + block * static_cast<int64_t>(sizeof(float));
+    }
+  }
+  return layout;
+}
+
 void validate_update_flags(const char* op, at::TensorList slow, const at::Tensor& due,
                            const std::optional<at::Tensor>& restore) {
   std::optional<at::Device> device;
@@ -417,7 +476,7 @@ Layout validate_nonfinite_check(at::TensorList tensors, const at::Tensor& found,
     if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || t.numel() == 0) continue;
     // Read-only: a tensor whose elements share memory is read as it is.
     if (t.is_non_overlapping_and_dense() && !t.is_meta()) {
-      layout.flat.push_back({{t.data_ptr()}, t.numel()});
+      layout.flat.push_back({{t.data_ptr()}, t.numel(), i});
     } else {
       layout.strided.push_back(i);
     }

@@ -29,11 +29,13 @@ class ArgumentNames {
 // The tensors of every list at one index (slow, fast and, for the momentum op, the buffer) when a
 // kernel can treat them as flat arrays of numel elements starting at the given addresses, in the
 // same element order: all dense, with the same strides (contiguous, channels_last and any
-// permutation alike). found_nonfinite_ uses the first address only.
-constexpr size_t kMaxLists = 3;
+// permutation alike); `index` is their place in the lists. found_nonfinite_ uses the first address
+// only; the quantization ops add the tensor's part of the payload and of the scales.
+constexpr size_t kMaxLists = 4;
 struct FlatItem {
   std::array<void*, kMaxLists> data;
   int64_t numel;
+  size_t index;
 };
 
 // The non-empty indices of a call, sorted by what can run them.
@@ -61,6 +63,14 @@ Layout validate_momentum_update(const char* op, at::TensorList slow, at::TensorL
 // so that a CUDA caller never waits for the host.
 void validate_update_flags(const char* op, at::TensorList slow, const at::Tensor& due,
                            const std::optional<at::Tensor>& restore);
+
+// Validates quantize_pseudo_gradients_(slow, fast, payload, scales) (gathered = false: payload a
+// contiguous int8 vector of sum(numel) elements, scales a float32 one of sum(blocks)) and
+// dequantize_mean_(slow, out, payloads, scales) (gathered = true: one such row per worker): the
+// pairs as for a sync, but flat ones only, and every tensor on one device. Each flat item's
+// data[2] and data[3] point at its tensor's part of the (first row of the) payload and scales.
+Layout validate_quantization(const char* op, at::TensorList slow, at::TensorList fast,
+                             const at::Tensor& payload, const at::Tensor& scales, bool gathered);
 
 // Validates found_nonfinite_(tensors, found, due): dense tensors of one supported floating dtype on
 // one device, and `found` (writable) and `due` one-element bool tensors on that device.

@@ -19,7 +19,7 @@ import torch
 
 from lookahead_cuda.keys import SETTINGS, parameter_name
 
-AVERAGED_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+AVERAGED_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 class Workers:
@@ -182,7 +182,8 @@ def _check_arguments(
     if pseudo_gradient_dtype not in AVERAGED_DTYPES:
         raise ValueError(
             f"Invalid pseudo_gradient_dtype: {pseudo_gradient_dtype!r}; expected None (average "
-            "the fast weights in the slow dtype), torch.float32, torch.bfloat16 or torch.float16"
+            "the fast weights in the slow dtype), torch.float32, torch.bfloat16, torch.float16 "
+            "or torch.int8 (8-bit blocks with a float32 scale each)"
         )
     if capturable:
         raise ValueError(

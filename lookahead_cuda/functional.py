@@ -39,12 +39,15 @@ import torch
 
 from lookahead_cuda.offload import StagingBuffers, offloaded_update_, runs_by_bytes
 from lookahead_cuda.ops import (
+    QUANTIZATION_BLOCK,
     check_sync,
+    dequantize_mean_,
     found_nonfinite_,
     lookahead_momentum_update_,
     lookahead_momentum_update_if_,
     lookahead_update_,
     lookahead_update_if_,
+    quantize_pseudo_gradients_,
 )
 from lookahead_cuda.settings import MOMENTUM_RANGE, momentum_in_range
 
@@ -331,32 +334,44 @@ AVERAGE_BUCKET_BYTES = 25 << 20
 
 @dataclass
 class Averaging:
-    """An average over the processes of a group, started by :func:`start_average`: the flat
-    buffers in the collectives (each a run of one bucket's tensors, as this process sent them)
-    and the collectives' handles (None: already done)."""
+    """An average over the processes of a group, started by :func:`start_average`: for each run of
+    one bucket's tensors, what this process sent and the collectives' handles (None: already
+    done), and, for 8-bit pseudo-gradients, the gathered payloads and scales of every process."""
 
-    runs: list[tuple[Bucket, list[int], torch.Tensor, Any]]
+    runs: list[
+        tuple[Bucket, list[int], torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor] | None]
+    ]
     world: int
     pseudo_gradient_dtype: torch.dtype | None
 
     def wait(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(fast tensor, the mean over the processes of what they sent for it), for every fast
         tensor: the mean of the fast weights in the slow dtype, or, with a
-        ``pseudo_gradient_dtype``, ``slow - mean`` of the pseudo-gradients. Waits for each
-        collective."""
-        for bucket, run, flat, work in self.runs:
-            if work is not None:
-                work.wait()
+        ``pseudo_gradient_dtype``, ``slow - mean`` of the pseudo-gradients (in the slow dtype).
+        Waits for each collective."""
+        for bucket, run, flat, works, gathered in self.runs:
+            for work in works:
+                if work is not None:
+                    work.wait()
+            fast = [bucket.fast[i] for i in run]
+            slow = [bucket.slow[i].to(fast[0].device) for i in run]
+            if gathered is not None:
+                means = [torch.empty_like(s) for s in slow]
+                dequantize_mean_(slow, means, *gathered)
+                yield from zip(fast, means)
+                continue
             flat.div_(self.world)
             offset = 0
-            for i in run:
-                fast, slow = bucket.fast[i], bucket.slow[i].to(bucket.fast[i].device)
-                mean = flat[offset : offset + fast.numel()].view(fast.shape)
-                offset += fast.numel()
-                yield (
-                    fast,
-                    (mean if self.pseudo_gradient_dtype is None else slow - mean.to(slow.dtype)),
-                )
+            for f, s in zip(fast, slow):
+                mean = flat[offset : offset + f.numel()].view(f.shape)
+                offset += f.numel()
+                yield f, (mean if self.pseudo_gradient_dtype is None else s - mean.to(s.dtype))
+
+
+#: The dtypes a pseudo-gradient may travel in: one all-reduce sums those; torch.int8 is sent as
+#: blocks of 8-bit values with a float32 scale each, which no all-reduce can sum: every process
+#: gathers every process's blocks, and averages them after dequantizing.
+QUANTIZED = torch.int8
 
 
 def start_average(
@@ -369,11 +384,13 @@ def start_average(
 ) -> Averaging:
     """Start averaging what every process of ``group`` sends for the fast tensors of ``buckets``:
     the fast weights in the slow dtype, or their pseudo-gradients ``slow - fast`` in
-    ``pseudo_gradient_dtype``, in flat all-reduces of about ``bucket_bytes`` each. What is sent is
-    copied first, so the fast tensors may change meanwhile (``async_op``: return before the
-    collectives end, as a streamed fragment's average does while the inner steps go on)."""
+    ``pseudo_gradient_dtype`` (``torch.int8``: 8-bit blocks, :func:`quantize_pseudo_gradients_`,
+    gathered rather than all-reduced), in flat collectives of about ``bucket_bytes`` each. What is
+    sent is copied first, so the fast tensors may change meanwhile (``async_op``: return before
+    the collectives end, as a streamed fragment's average does while the inner steps go on)."""
     import torch.distributed as dist
 
+    world = dist.get_world_size(group)
     runs = []
     for bucket in buckets.values():
         if not bucket.fast:
@@ -382,16 +399,39 @@ def start_average(
         sizes = [f.numel() * dtype.itemsize for f in bucket.fast]
         for run in runs_by_bytes(sizes, bucket_bytes):
             fast = [bucket.fast[i] for i in run]
-            if pseudo_gradient_dtype is None:
-                flat = torch.cat([f.reshape(-1).to(dtype) for f in fast])
-            else:
-                slow = [bucket.slow[i].to(fast[0].device, non_blocking=True) for i in run]
-                flat = torch.cat(
-                    [(s - f.to(s.dtype)).reshape(-1).to(dtype) for s, f in zip(slow, fast)]
+            slow = [bucket.slow[i].to(fast[0].device, non_blocking=True) for i in run]
+            gathered = None
+            if pseudo_gradient_dtype == QUANTIZED:
+                flat, scales = _quantized(slow, fast)
+                gathered = (
+                    flat.new_empty((world, flat.numel())),
+                    scales.new_empty((world, scales.numel())),
                 )
-            work = dist.all_reduce(flat, group=group, async_op=async_op)
-            runs.append((bucket, list(run), flat, work))
-    return Averaging(runs, dist.get_world_size(group), pseudo_gradient_dtype)
+                works = [
+                    dist.all_gather(list(rows.unbind(0)), sent, group=group, async_op=async_op)
+                    for rows, sent in zip(gathered, (flat, scales))
+                ]
+            else:
+                if pseudo_gradient_dtype is None:
+                    flat = torch.cat([f.reshape(-1).to(dtype) for f in fast])
+                else:
+                    flat = torch.cat(
+                        [(s - f.to(s.dtype)).reshape(-1).to(dtype) for s, f in zip(slow, fast)]
+                    )
+                works = [dist.all_reduce(flat, group=group, async_op=async_op)]
+            runs.append((bucket, list(run), flat, works, gathered))
+    return Averaging(runs, world, pseudo_gradient_dtype)
+
+
+def _quantized(
+    slow: list[torch.Tensor], fast: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    numel = sum(f.numel() for f in fast)
+    blocks = sum(-(-f.numel() // QUANTIZATION_BLOCK) for f in fast)
+    payload = torch.empty(numel, dtype=torch.int8, device=fast[0].device)
+    scales = torch.empty(blocks, dtype=torch.float32, device=fast[0].device)
+    quantize_pseudo_gradients_(slow, fast, payload, scales)
+    return payload, scales
 
 
 def average_over_workers(

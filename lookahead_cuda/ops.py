@@ -92,7 +92,7 @@ def _check_arguments(op: str, args: Sequence[Any]) -> None:
         elif kind in ("Tensor", "Optional[Tensor]") and not (
             isinstance(value, torch.Tensor) or (kind == "Optional[Tensor]" and value is None)
         ):
-            expected = "a torch.bool tensor" + (" or None" if kind == "Optional[Tensor]" else "")
+            expected = "a tensor" + (" or None" if kind == "Optional[Tensor]" else "")
             raise TypeError(f"{op}: {name} must be {expected}, got {type(value).__name__}")
 
 
@@ -208,6 +208,46 @@ def lookahead_momentum_update_if_(
     decides the plain sync: nothing unless ``due``; with ``restore``, ``fast <- slow`` with the
     slow weights and the momentum as they are."""
     _call("lookahead_momentum_update_if_", slow, fast, momentum, lr, mu, nesterov, due, restore)
+
+
+#: Elements per block of the 8-bit pseudo-gradients, each block with one float32 scale.
+QUANTIZATION_BLOCK: int = _C.quantization_block()
+
+
+def quantize_pseudo_gradients_(
+    slow: Sequence[torch.Tensor],
+    fast: Sequence[torch.Tensor],
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+) -> None:
+    """The pseudo-gradients ``slow[i] - fast[i]`` in 8 bits, for DiLoCo's average: in blocks of
+    :data:`QUANTIZATION_BLOCK` elements of one tensor (in its memory order), each block as int8
+    values ``round(p / max|p| * 127)`` in ``payload`` and its ``scale = max|p| / 127`` in
+    ``scales``.
+
+    Args:
+        slow, fast: pairs as for :func:`lookahead_update_`, flat arrays in one element order
+            (read only).
+        payload: a contiguous int8 tensor of ``sum(numel)`` elements, written.
+        scales: a contiguous float32 tensor of ``sum(ceil(numel / QUANTIZATION_BLOCK))``, written.
+
+    A block holding a NaN or an infinity gets a NaN (or infinite) scale: it averages to NaN.
+    """
+    _call("quantize_pseudo_gradients_", slow, fast, payload, scales)
+
+
+def dequantize_mean_(
+    slow: Sequence[torch.Tensor],
+    out: Sequence[torch.Tensor],
+    payloads: torch.Tensor,
+    scales: torch.Tensor,
+) -> None:
+    """``out[i] <- slow[i] - mean``, the mean over the workers of their dequantized
+    pseudo-gradients: ``payloads`` and ``scales`` hold one row per worker, each as
+    :func:`quantize_pseudo_gradients_` wrote it. The sum is taken in float32 in the rows' order,
+    each ``q * scale`` added with one rounding, so every worker (and either backend) gets the same
+    bits; the result is rounded to the slow dtype, then to ``out``'s."""
+    _call("dequantize_mean_", slow, out, payloads, scales)
 
 
 def found_nonfinite_(

@@ -80,18 +80,14 @@ class Lookahead(Optimizer):
               buffers) restart from their slow copies, which are left untouched, so a blow-up
               between two syncs cannot poison them; :attr:`nonfinite_restores` counts these. The
               check is one more read of the fast weights at each sync, decided on the device.
-        capturable (bool, optional): decide every sync on the device (default: False). The step
-            counters live on the parameters' device and each step launches the gated kernel,
-            which reads the counter itself: no host synchronization and no Python branch on a
-            tensor, so a whole training step can be captured in a CUDA graph and replayed, with
-            the slow update happening on exactly every k-th replay. ``k`` and ``alpha`` are
-            captured with the graph. Not with ``inner_state="reset"``, which the host must see.
+        capturable (bool, optional): decide every sync on the device (default: False): the
+            counters live there and every step launches the gated kernel, which reads them, so a
+            whole step can be captured in a CUDA graph (``k`` and ``alpha`` with it). Not with
+            ``inner_state="reset"``, which the host must see.
         slow_device (str or torch.device, optional): ``None`` keeps each parameter's slow weights
-            on its device; ``"cpu"`` keeps them in host memory (pinned for CUDA parameters), saving
-            their device memory for models that are memory-bound. A sync then sends the fast
-            weights to the host in chunks, updates them there with the CPU kernel and sends them
-            back, transfers overlapped with the kernel; the host waits for it. Not with
-            ``capturable`` (default: None).
+            on its device; ``"cpu"`` in (pinned) host memory, a sync sending the fast weights
+            there in overlapped chunks for the CPU kernel. Not with ``capturable``
+            (default: None).
         momentum (float, optional): the outer momentum, in [0, 1) (default: 0). Above 0 the sync
             is SNOO's outer step (Kallusky et al., 2025; DiLoCo's, without the averaging over
             workers) on the pseudo-gradient ``d = slow - fast``, with ``alpha`` its outer learning
@@ -107,30 +103,32 @@ class Lookahead(Optimizer):
             a group syncs with momentum. 0 is Lookahead's update, bitwise.
         nesterov (bool, optional): Nesterov's outer momentum, or heavy ball (default: True).
         process_group (torch.distributed.ProcessGroup, optional): DiLoCo (Douillard et al., 2023):
-            every process trains a replica of the model on its own data with no communication
-            between syncs (no DDP), and each sync first averages the fast weights over the
-            group's processes (flat all-reduces of DDP's 25 MiB), then takes the outer step
-            (with ``momentum=0.9, alpha=0.7`` DiLoCo's). Every process starts from the group's
-            first process's parameters (broadcast at construction, as DDP does, and again when the
-            slow weights are taken); the slow weights then stay identical on every process, as do
-            the counters: every step counts (GradScaler's skipped steps too), so
-            that all processes sync together. With ``nonfinite="restore"`` a blow-up on any
-            process makes every process restore. Not with ``capturable``, compiled steps or FSDP2
-            parameters (default: None).
+            each process trains a replica on its own data with no communication between syncs,
+            and each sync first averages the fast weights over the processes, then takes the
+            outer step (with ``momentum=0.9, alpha=0.7`` DiLoCo's). The processes start from the
+            first one's weights and must agree on settings and shapes (checked; all raise alike
+            otherwise); every step counts, GradScaler's skipped ones too. Not with
+            ``capturable``, compiled steps or FSDP2 parameters (default: None).
         pseudo_gradient_dtype (torch.dtype, optional): with a ``process_group``, send the
             pseudo-gradients ``slow - fast`` in this dtype instead of the fast weights in the slow
-            dtype: ``torch.bfloat16`` halves fp32's bytes (default: None).
+            dtype: ``torch.bfloat16`` halves fp32's bytes; ``torch.int8`` sends 8-bit blocks
+            with a float32 scale each, gathered and averaged after dequantizing (default: None).
+        fragments (int or list of lists of tensors, optional): with a ``process_group``,
+            Streaming DiLoCo: each group's parameters in this many fragments of about equal
+            bytes (or these lists, each parameter in one), fragment f syncing when the count
+            reaches (f + 1) * k / fragments; k must be a multiple (default: 1).
+        sync_delay (int, optional): with a ``process_group``, start a fragment's average this
+            many inner steps before its sync, asynchronously; below k / fragments (default: 0).
+        fragment_mixing (float, optional): with a delay, each worker's fragment becomes
+            ``fragment_mixing * local + (1 - fragment_mixing) * global`` at its sync
+            (default: 0.5).
 
     ``k``, ``alpha``, ``inner_state``, ``slow_dtype``, ``nonfinite``, ``momentum`` and
-    ``nesterov`` are stored in every param group as ``lookahead_k``, ``lookahead_alpha``, ...,
-    ``lookahead_nesterov``; set them per group there, or for all groups through the attributes of
-    the same names. The step count since the last slow update is
-    an integer tensor in :attr:`lookahead_state`, kept with the group's first parameter as
-    torch.optim keeps ``step``, so ``torch.compile`` does not recompile as it advances (inside a
-    compiled step, syncs are decided on the device as with ``capturable``). A group's parameters
-    may change between steps (DeepSpeed ZeRO-3 swaps its partitions in and out): each set of
-    tensors a group holds keeps its own slow weights and count. Parameters without a gradient
-    still take part in slow updates (their slow weights simply equal the fast ones).
+    ``nesterov`` are stored in every param group as ``lookahead_k``, ..., ``lookahead_nesterov``;
+    set them per group there, or for all groups through the attributes of the same names. The
+    step count is an int64 tensor in :attr:`lookahead_state`, kept with the group's first
+    parameter as torch.optim keeps ``step``. Each set of tensors a group holds (DeepSpeed ZeRO-3
+    swaps them) keeps its own slow weights and count.
 
     :meth:`eval` puts the slow weights into the parameters for evaluation and :meth:`train` puts
     the fast ones back (transformers' Trainer and accelerate call them); :meth:`slow_weights` is
@@ -322,21 +320,8 @@ class Lookahead(Optimizer):
         )
         # Workers that skipped different steps would call the sync's collective at different
         # steps, so under a process group every step counts.
-        skipped = found_inf if self.process_group is None else None
-        groups = [group for _, group, _ in planned]
-        with torch.no_grad(), self._counters.kept_on_failure(groups), self._outer_step.kept():
-            for group in groups:
-                self._counters.count(group, skipped)
-            on_host, on_device = self._counters.due(planned, self._workers.fragments)
-            if on_host:
-                self._outer_step.run(on_host, gated=False)
-            if on_device:
-                self._outer_step.run([(entry, None, True) for entry in on_device], gated=True)
-            if self._workers.sync_delay:
-                starting = self._counters.starting(
-                    planned, self._workers.fragments, self._workers.sync_delay
-                )
-                self._outer_step.start(starting)
+        with torch.no_grad():
+            self._outer_step.count(planned, found_inf if self.process_group is None else None)
         return loss
 
     def _before_inner_step(self, closure: Callable[[], float] | None) -> Callable[[], float] | None:
@@ -349,8 +334,7 @@ class Lookahead(Optimizer):
         self._mode.check_training("sync")
         with torch.no_grad():
             self._outer_step.finish_in_flight()
-            planned = self._planned(lambda group: True)
-            self._outer_step.run([(entry, None, True) for entry in planned], gated=False)
+            self._outer_step.run_all(self._planned(lambda group: True))
 
     @property
     def nonfinite_restores(self) -> int:

@@ -111,6 +111,27 @@ class OuterStep:
         # An average in flight is a collective's: it does not travel (state_dict() saves it).
         return {**self.__dict__, "_merged": {}, "_offload": offload, "_streamed": {}}
 
+    def count(self, planned: Sequence[Planned], skipped: torch.Tensor | None) -> None:
+        """One more step for each of ``planned`` (unless ``skipped``, GradScaler's found_inf, says
+        it was skipped), then the syncs it makes due, and the streamed averages it starts. If
+        one fails, the counts are as they were and nothing is left in flight."""
+        groups = [group for _, group, _ in planned]
+        with self._counters.kept_on_failure(groups), self._kept():
+            for group in groups:
+                self._counters.count(group, skipped)
+            on_host, on_device = self._counters.due(planned, self._workers.fragments)
+            if on_host:
+                self.run(on_host, gated=False)
+            if on_device:
+                self.run([(entry, None, True) for entry in on_device], gated=True)
+            if self._workers.sync_delay:
+                fragments, delay = self._workers.fragments, self._workers.sync_delay
+                self.start(self._counters.starting(planned, fragments, delay))
+
+    def run_all(self, planned: Sequence[Planned]) -> None:
+        """Every weight of each of ``planned`` synced now, and their counts restarted."""
+        self.run([(entry, None, True) for entry in planned], gated=False)
+
     def run(self, syncs: Sequence[Sync], *, gated: bool) -> None:
         """The sync of each of ``syncs``: unconditionally (the host knows they are due), or,
         with ``gated``, of each one whose count has reached k, decided on the device."""
@@ -226,7 +247,7 @@ class OuterStep:
         self._resumed.clear()
 
     @contextlib.contextmanager
-    def kept(self) -> Iterator[None]:
+    def _kept(self) -> Iterator[None]:
         """The averages in flight dropped if the block raises (a collective that failed leaves
         none to wait for): the syncs tried again start afresh."""
         try:

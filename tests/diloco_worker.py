@@ -58,9 +58,10 @@ def state(model: nn.Module, opt: Lookahead) -> dict:
 STREAMED_FRAGMENTS = [[0], [1, 2, 3]]
 
 
-def streamed_scenario(rank: int, world: int, delay: int) -> dict:
-    model, opt = build(k=4, fragments=2, sync_delay=delay)
-    assert opt._planner.plan(0, opt.param_groups[0]).fragment_of == [0, 1, 1, 1]
+def streamed_scenario(rank: int, world: int, **streaming: Any) -> dict:
+    model, opt = build(**streaming)
+    if opt._workers.fragments == 2:
+        assert opt._planner.plan(0, opt.param_groups[0]).fragment_of == [0, 1, 1, 1]
     losses = []
     for x, y in global_batches(STEPS, world):
         rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -239,8 +240,14 @@ def result_of(scenario: str, out: Path, rank: int, world: int) -> dict:
         return guard_scenario(rank, world)
     if scenario == "grad-scaler":
         return grad_scaler_scenario(rank, world)
+    if scenario == "int8":
+        return streamed_scenario(rank, world, pseudo_gradient_dtype=torch.int8)
+    if scenario == "streamed-int8":
+        int8 = {"pseudo_gradient_dtype": torch.int8}
+        return streamed_scenario(rank, world, k=4, fragments=2, sync_delay=1, **int8)
     if scenario.startswith("streamed-"):
-        return streamed_scenario(rank, world, int(scenario.removeprefix("streamed-")))
+        delay = int(scenario.removeprefix("streamed-"))
+        return streamed_scenario(rank, world, k=4, fragments=2, sync_delay=delay)
     if scenario.startswith("disagree-"):
         return disagreement_scenario(scenario.removeprefix("disagree-"), rank, world)
     if scenario == "uneven-state":

@@ -204,3 +204,44 @@ def bits(t: torch.Tensor) -> np.ndarray:
     """The bit patterns of a CPU floating tensor, as integers."""
     integer = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
     return t.contiguous().view(integer).numpy()
+
+
+QUANTIZATION_BLOCK = 1024
+
+
+def quantize(slow: torch.Tensor, fast: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-bit pseudo-gradients p = slow - fast of one contiguous pair (csrc/quantization.h),
+    by blocks of 1024 elements: scale = max|p| / 127 (NaN if the block holds one), and
+    q = round-half-even(p / max|p| * 127) as int8, 0 where that is NaN (a zero block's 0 / 0)."""
+    with np.errstate(all="ignore"):
+        start = opmath(slow).reshape(-1)
+        p = (start - opmath(fast).reshape(-1).astype(start.dtype)).astype(np.float32)
+        q = np.zeros(p.size, np.int8)
+        scales = []
+        for first in range(0, p.size, QUANTIZATION_BLOCK):
+            block = p[first : first + QUANTIZATION_BLOCK]
+            magnitude = np.abs(block)
+            absmax = np.float32(np.nan) if np.isnan(magnitude).any() else magnitude.max()
+            x = block / absmax * np.float32(127)
+            q[first : first + QUANTIZATION_BLOCK] = np.where(np.isnan(x), 0, np.rint(x))
+            scales.append(absmax / np.float32(127))
+    return q, np.array(scales, np.float32)
+
+
+def dequantize_mean(
+    slow: torch.Tensor,
+    out_dtype: torch.dtype,
+    q_rows: list[np.ndarray],
+    scale_rows: list[np.ndarray],
+) -> torch.Tensor:
+    """slow - the mean of the workers' dequantized blocks (their rows, in order), the sum taken in
+    float32 with one rounding per q * scale added; rounded to slow's dtype, then to out_dtype."""
+    start = opmath(slow).reshape(-1)
+    block_of = np.arange(start.size) // QUANTIZATION_BLOCK
+    total = np.zeros(start.size, np.float32)
+    with np.errstate(all="ignore"):
+        for q, scale in zip(q_rows, scale_rows):
+            total = fma32(q.astype(np.float32), scale[block_of], total)
+        mean = total / np.float32(len(q_rows))
+        new_slow = rounded(start - mean.astype(start.dtype), slow.dtype)
+    return restore(new_slow, torch.empty(0, dtype=out_dtype)).view(slow.shape)

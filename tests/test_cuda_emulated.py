@@ -582,3 +582,76 @@ def test_the_reference_rounds_to_half_precision_once(dtype, fmt):
             assert g == x and np.signbit(g) == np.signbit(x)
         else:
             assert g == ref.round_fraction(Fraction(x), fmt), f"{x!r} rounded to {g!r}"
+
+
+# -- the 8-bit pseudo-gradients ------------------------------------------------------------------
+
+QUANTIZATION_SIZES = [1, 1023, 1024, 1025, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 5000]
+
+
+def quantization_inputs(
+    emulation: ModuleType, pair: tuple[torch.dtype, torch.dtype], sizes: Sequence[int], seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rng = np.random.default_rng([seed, len(sizes), sum(sizes)])
+    slow, fast = [], []
+    for n in sizes:
+        s = random_values(n, pair[0], rng)
+        f = (s.double() + torch.from_numpy(rng.normal(0, 0.1, n))).to(pair[1])
+        if n > 3000:  # a non-finite block and a zero one
+            f[7] = float("nan")
+            f[2048:3072] = s[2048:3072].to(pair[1])
+            s[2048:3072] = f[2048:3072].to(pair[0])
+        slow.append(guarded(emulation, s))
+        fast.append(guarded(emulation, f))
+    return slow, fast
+
+
+def poisoned(emulation: ModuleType, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    fill = 99 if dtype == torch.int8 else float("nan")
+    return guarded(emulation, torch.full(shape, fill, dtype=dtype).reshape(-1)).view(shape)
+
+
+@pytest.mark.parametrize("pair", DTYPE_PAIRS)
+@pytest.mark.parametrize("grid", [ONE_BLOCK, THREE_BLOCKS, 264])
+def test_quantize_and_average_on_every_boundary_of_the_blocks(emulation, pair, grid):
+    sizes = QUANTIZATION_SIZES
+    blocks = sum(-(-n // ref.QUANTIZATION_BLOCK) for n in sizes)
+    rows = []
+    for worker in range(2):
+        slow, fast = quantization_inputs(emulation, pair, sizes, worker)
+        payload = poisoned(emulation, (sum(sizes),), torch.int8)
+        scales = poisoned(emulation, (blocks,), torch.float32)
+        report = emulation.quantize(slow, fast, payload, scales, options(emulation, grid))
+        counters = clean(report)
+        assert counters["launches"] == 1
+        want = [ref.quantize(s, f) for s, f in zip(slow, fast)]
+        assert np.array_equal(payload.numpy(), np.concatenate([q for q, _ in want]))
+        got_scales, want_scales = scales.numpy(), np.concatenate([s for _, s in want])
+        assert np.array_equal(np.isnan(got_scales), np.isnan(want_scales))
+        finite = ~np.isnan(want_scales)
+        assert np.array_equal(got_scales[finite].view(np.int32), want_scales[finite].view(np.int32))
+        rows.append((payload, scales))
+    payloads = guarded(emulation, torch.stack([p for p, _ in rows]).reshape(-1)).view(2, -1)
+    gathered = guarded(emulation, torch.stack([s for _, s in rows]).reshape(-1)).view(2, -1)
+    slow, _ = quantization_inputs(emulation, pair, sizes, 7)
+    out = [poisoned(emulation, (n,), pair[1]) for n in sizes]
+    report = emulation.dequantize_mean(slow, out, payloads, gathered, options(emulation, grid))
+    clean(report)
+    offset, block = 0, 0
+    for s, o, n in zip(slow, out, sizes):
+        count = -(-n // ref.QUANTIZATION_BLOCK)
+        q_rows = [payloads[w, offset : offset + n].numpy() for w in range(2)]
+        s_rows = [gathered[w, block : block + count].numpy() for w in range(2)]
+        assert_bitwise(o, ref.dequantize_mean(s, pair[1], q_rows, s_rows), f"out ({n} elements)")
+        offset, block = offset + n, block + count
+
+
+def test_quantize_over_more_tensors_than_a_table_holds(emulation):
+    sizes = [3] * 1200  # a table of four lists holds 743 tensors
+    slow, fast = quantization_inputs(emulation, (torch.float32, torch.float32), sizes, 0)
+    payload = poisoned(emulation, (sum(sizes),), torch.int8)
+    scales = poisoned(emulation, (len(sizes),), torch.float32)
+    report = emulation.quantize(slow, fast, payload, scales, options(emulation, THREE_BLOCKS))
+    assert clean(report)["launches"] == 2
+    want = [ref.quantize(s, f) for s, f in zip(slow, fast)]
+    assert np.array_equal(payload.numpy(), np.concatenate([q for q, _ in want]))

@@ -19,6 +19,7 @@ from diloco_worker import (
     K,
 )
 from distributed_worker import global_batches, make_model
+from exact_reference import dequantize_mean, quantize
 from test_distributed import run_workers
 from torch import nn
 
@@ -62,9 +63,13 @@ def simulate(
                 p.copy_(s)
 
     def averaged(i: int) -> torch.Tensor:
-        replicas = [list(m.parameters())[i] for m in models]
+        replicas = [list(m.parameters())[i].detach() for m in models]
         if pseudo_gradient_dtype is None:
             return sum(replicas) / world
+        if pseudo_gradient_dtype == torch.int8:  # exact_reference.py: what the kernels compute
+            sent = [quantize(slow[i], r) for r in replicas]
+            q_rows, scale_rows = [q for q, _ in sent], [scale for _, scale in sent]
+            return dequantize_mean(slow[i], slow[i].dtype, q_rows, scale_rows)
         sent = [(slow[i] - r).to(pseudo_gradient_dtype) for r in replicas]
         return slow[i] - (sum(sent) / world).to(slow[i].dtype)
 
@@ -174,6 +179,21 @@ def test_bf16_pseudo_gradients(tmp_path):
     # What bf16 changes is far more than the tolerance: averaging in float64 would fail above.
     unrounded = simulate(2)
     assert any(not torch.allclose(a, b, **close) for a, b in zip(want["slow"], unrounded["slow"]))
+
+
+@pytest.mark.parametrize(("scenario", "streamed"), [("int8", False), ("streamed-int8", True)])
+def test_8_bit_pseudo_gradients(scenario, streamed, tmp_path):
+    results = run_workers(scenario, tmp_path, 2, WORKER)
+    assert_ranks_agree(results)
+    shape = {"k": 4, "fragments": STREAMED_FRAGMENTS, "delay": 1} if streamed else {}
+    want = simulate(2, pseudo_gradient_dtype=torch.int8, **shape)
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    for a, b in zip(results[0]["slow"] + results[0]["fast"], want["slow"] + want["fast"][0]):
+        torch.testing.assert_close(a, b, **close)
+    # The quantization changes the result far more than the tolerance: ignoring it would fail.
+    unquantized = simulate(2, **shape)
+    assert any(not torch.allclose(a, b, **close) for a, b in zip(want["slow"], unquantized["slow"]))
+    assert results[0]["losses"][-1] < results[0]["losses"][0]
 
 
 def test_slow_weights_in_host_memory(tmp_path):

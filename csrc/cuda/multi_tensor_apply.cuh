@@ -23,7 +23,7 @@ namespace mta {
 // wave. Cached per device and kernel; concurrent first calls compute the same value, so relaxed
 // atomics suffice.
 template <auto kKernel>
-int resident_blocks(int device) {
+int resident_blocks(int device, int block_size = kBlockSize) {
   static std::atomic<int> cache[C10_COMPILE_TIME_MAX_GPUS];
   TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS);
   int blocks = cache[device].load(std::memory_order_relaxed);
@@ -32,7 +32,7 @@ int resident_blocks(int device) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, kKernel, kBlockSize, /*dynamicSMemSize=*/0));
+        &per_sm, kKernel, block_size, /*dynamicSMemSize=*/0));
     blocks = std::max(1, sms * per_sm);
     cache[device].store(blocks, std::memory_order_relaxed);
   }

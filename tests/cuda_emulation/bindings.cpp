@@ -62,6 +62,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("restore"), py::arg("options"));
   m.def("found_nonfinite", &emulation::emulate_found_nonfinite, py::arg("tensors"),
         py::arg("found"), py::arg("due"), py::arg("options"));
+  m.def("quantize", &emulation::emulate_quantize, py::arg("slow"), py::arg("fast"),
+        py::arg("payload"), py::arg("scales"), py::arg("options"));
+  m.def("dequantize_mean", &emulation::emulate_dequantize_mean, py::arg("slow"), py::arg("out"),
+        py::arg("payloads"), py::arg("scales"), py::arg("options"));
   m.def("pack_phantom", &emulation::pack_phantom, py::arg("numels"));
   m.def("phantom_update", &emulation::emulate_phantom_update, py::arg("numels"),
         py::arg("options"));

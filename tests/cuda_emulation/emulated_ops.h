@@ -32,6 +32,13 @@ Report emulate_momentum_update(const Tensors& slow, const Tensors& fast, const T
 Report emulate_found_nonfinite(const Tensors& tensors, const at::Tensor& found,
                                const std::optional<at::Tensor>& due, const LaunchOptions& options);
 
+// quantize_pseudo_gradients_ and dequantize_mean_ (cuda/quantization.cu's kernel).
+Report emulate_quantize(const Tensors& slow, const Tensors& fast, const at::Tensor& payload,
+                        const at::Tensor& scales, const LaunchOptions& options);
+
+Report emulate_dequantize_mean(const Tensors& slow, const Tensors& out, const at::Tensor& payloads,
+                               const at::Tensor& scales, const LaunchOptions& options);
+
 // One launch's table for two lists.
 struct TableSummary {
   int32_t total_chunks;
