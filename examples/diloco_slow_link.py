@@ -14,7 +14,8 @@ nothing else does. Each configuration trains the same steps, and this prints one
   step included, without the average);
 - bytes each worker's interface actually sent (its ``tx_bytes``, read after every step: frames,
   TCP/IP headers and acknowledgements included): per step on average, and at most in one sync's
-  window (the steps from one sync to the next, which hold that sync's average whatever its delay);
+  window (the steps after the previous sync up to the one after this sync, which hold this sync's
+  average whatever its delay);
 - the final validation loss (DiLoCo's on its slow weights; ``local``'s is worker 0's replica,
   which saw half the samples), against blocking DiLoCo's.
 
@@ -109,6 +110,21 @@ class SlowLink:
     def remove(self) -> None:
         for namespace in self.namespaces:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+        # A pair that failed to move into the namespaces is still here.
+        subprocess.run(["ip", "link", "del", self.interfaces[0]], capture_output=True, check=False)
+
+    def drops(self) -> int:
+        """Packets the two tbf queues dropped (TCP would resend them: more bytes sent)."""
+        total = 0
+        for namespace, interface in zip(self.namespaces, self.interfaces):
+            shown = subprocess.run(
+                ["tc", "-n", namespace, "-s", "-j", "qdisc", "show", "dev", interface],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            total += sum(qdisc["drops"] for qdisc in json.loads(shown.stdout))
+        return total
 
     def command(self, worker: int, args: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[worker], *args]
@@ -168,21 +184,28 @@ class Config:
 
 
 def configs(k: int, fragments: int, delay: int) -> dict[str, Config]:
+    """The rows: no communication, DDP, blocking DiLoCo, streaming with no delay, with ``delay``
+    (in fp32, bf16 and 8 bits) and with the longest delay there is, k / F - 1 steps."""
     stream = ("--mode", "diloco", "--fragments", str(fragments))
     delayed = (*stream, "--sync-delay", str(delay))
     every = k // fragments
-    return {
+    chosen = {
         "none": Config("no communication", ("--mode", "local"), None),
         "ddp": Config("DDP", ("--mode", "ddp"), 1),
         "diloco": Config("DiLoCo", ("--mode", "diloco"), k),
         "stream": Config(f"streaming F={fragments} τ=0", stream, every),
         "delayed": Config(f"streaming F={fragments} τ={delay}", delayed, every),
-        "bf16": Config(
-            f"streaming F={fragments} τ={delay} bf16",
-            (*delayed, "--pseudo-gradient-dtype", "bfloat16"),
-            every,
-        ),
     }
+    if every - 1 > delay:
+        longest = (*stream, "--sync-delay", str(every - 1))
+        chosen["longest"] = Config(f"streaming F={fragments} τ={every - 1}", longest, every)
+    for name, dtype in (("bf16", "bfloat16"), ("8-bit", "int8")):
+        chosen[name] = Config(
+            f"streaming F={fragments} τ={delay} {name}",
+            (*delayed, "--pseudo-gradient-dtype", dtype),
+            every,
+        )
+    return chosen
 
 
 def train(
@@ -240,7 +263,7 @@ class Row:
     max_ms: float
     mean_ms: float
     bytes_per_step: float
-    bytes_per_sync: int | None  # the most one worker sent in one sync's window
+    bytes_per_sync: float | None  # the most one worker sent in one sync's window
     loss: float
 
 
@@ -255,8 +278,11 @@ def summarize(config: Config, result: dict[str, Any], warmup: int) -> Row:
     if config.period is not None:
         synced = [seconds[s - 1] for s in steps if s % config.period == 0]
         sync_ms = 1e3 * statistics.median(synced)
-        windows = range(warmup, len(seconds), config.period)  # window j: steps (j, j + period]
-        bytes_per_sync = max(sum(b[j : j + config.period]) for b in sent for j in windows)
+        # A sync's window runs from the step after the previous sync's to the step after its own:
+        # a worker's collective ends once the peer's data has arrived, and its own last frames
+        # may leave its tbf queue during the next step.
+        syncs = range(warmup + config.period, len(seconds) + 1, config.period)
+        bytes_per_sync = max(sum(b[s + 1 - config.period : s + 1]) for b in sent for s in syncs)
     return Row(
         name=config.name,
         median_ms=1e3 * statistics.median(timed),
@@ -269,6 +295,16 @@ def summarize(config: Config, result: dict[str, Any], warmup: int) -> Row:
     )
 
 
+def median_row(runs: Sequence[Row]) -> Row:
+    """Each figure's median over the rounds of one configuration."""
+
+    def median(values: list[Any]) -> Any:
+        return None if values[0] is None else statistics.median(values)
+
+    figures = [name for name in Row.__dataclass_fields__ if name != "name"]
+    return Row(runs[0].name, **{name: median([getattr(r, name) for r in runs]) for name in figures})
+
+
 def print_table(rows: dict[str, Row]) -> None:
     alone, blocking = rows["none"], rows["diloco"]
     print(
@@ -278,7 +314,7 @@ def print_table(rows: dict[str, Row]) -> None:
     )
     for row in rows.values():
         sync_ms = "-" if row.sync_ms is None else f"{row.sync_ms:.1f}"
-        per_sync = "-" if row.bytes_per_sync is None else f"{row.bytes_per_sync:,}"
+        per_sync = "-" if row.bytes_per_sync is None else f"{row.bytes_per_sync:,.0f}"
         share = (
             "-"
             if row.bytes_per_sync is None or not blocking.bytes_per_sync
@@ -295,26 +331,28 @@ def print_targets(rows: dict[str, Row], fragments: int) -> None:
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
-    alone, blocking, delayed = rows["none"], rows["diloco"], rows["delayed"]
-    slowdown = delayed.mean_ms / alone.mean_ms
-    print(
-        f"targets: {delayed.name}: {slowdown:.2f}x the mean time per step with no communication "
-        f"(<= 1.15x): {verdict(slowdown <= 1.15)}"
-    )
-    for row in (rows[key] for key in ("stream", "delayed") if key in rows):
+    alone, blocking = rows["none"], rows["diloco"]
+    print("targets:")
+    for row in (rows[key] for key in ("delayed", "longest") if key in rows):
+        slowdown = row.mean_ms / alone.mean_ms
+        print(
+            f"  {row.name}: {slowdown:.2f}x the mean time per step with no communication "
+            f"(<= 1.15x): {verdict(slowdown <= 1.15)}"
+        )
+    for row in (rows[key] for key in ("stream", "delayed", "longest") if key in rows):
         assert row.bytes_per_sync is not None and blocking.bytes_per_sync is not None
         share = row.bytes_per_sync / blocking.bytes_per_sync
         print(
             f"  {row.name}: peak bytes per sync {share:.3f}x blocking DiLoCo's (<= 1/{fragments}"
             f" = {1 / fragments:.3f}): {verdict(share <= 1 / fragments)}"
         )
-    if "int8" in rows:
-        share = rows["int8"].bytes_per_step / delayed.bytes_per_step
+    if "8-bit" in rows:
+        share = rows["8-bit"].bytes_per_step / rows["delayed"].bytes_per_step
         print(
-            f"  {rows['int8'].name}: {share:.3f}x the bytes per step of {delayed.name} (<= 0.25): "
-            f"{verdict(share <= 0.25)}"
+            f"  {rows['8-bit'].name}: {share:.3f}x the bytes per step of fp32's "
+            f"(<= 0.25): {verdict(share <= 0.25)}"
         )
-    for key in ("stream", "delayed", "bf16", "int8"):
+    for key in ("stream", "delayed", "longest", "bf16", "8-bit"):
         if key in rows:
             gap = rows[key].loss / blocking.loss - 1
             print(
@@ -347,8 +385,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Row] | None:
     parser.add_argument("--delay", type=int, default=1, help="the delayed streaming's sync_delay")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every configuration, interleaved; each figure is its median over them",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a tiny run of 3 configurations, to check the runner"
     )
+    parser.add_argument("--save", type=Path, default=None, help="every run's JSON, to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.k = 16, 8
@@ -367,15 +412,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Row] | None:
                 f"{rate:.1f} Mbit/s measured by one TCP stream; {args.steps} steps, k = {args.k}, "
                 f"first {args.k} steps left out of time and bytes"
             )
-            rows = {}
-            for port, (key, config) in enumerate(chosen.items(), 29500):
-                result = train(link, config, args.steps, args.k, port, args.timeout)
-                rows[key] = summarize(config, result, warmup=args.k)
-                print(f"  {config.name}: {rows[key].mean_ms:.1f} ms/step", flush=True)
+            # Rounds of every configuration in turn, so that a machine whose load drifts weighs
+            # on all of them alike.
+            rounds: dict[str, list[Row]] = {key: [] for key in chosen}
+            results: dict[str, list[dict[str, Any]]] = {}
+            port = 29500
+            for round_ in range(args.repeats):
+                for key, config in chosen.items():
+                    result = train(link, config, args.steps, args.k, port, args.timeout)
+                    port += 1  # a fresh port: the last run's may still be closing
+                    results.setdefault(key, []).append(result)
+                    rounds[key].append(summarize(config, result, warmup=args.k))
+                    mean_ms = rounds[key][-1].mean_ms
+                    print(f"  round {round_ + 1}, {config.name}: {mean_ms:.1f} ms/step", flush=True)
+            drops = link.drops()
     except LinkUnavailable as error:
         print(f"skipped: {error}")
         return None
+    if args.save is not None:
+        saved = {"args": {**vars(args), "save": str(args.save)}, "mbit_s": rate, "runs": results}
+        args.save.write_text(json.dumps(saved))
+    rows = {key: median_row(runs) for key, runs in rounds.items()}
     print_table(rows)
+    print(f"the tbf queues dropped {drops} packets")
     print_targets(rows, args.fragments)
     return rows
 

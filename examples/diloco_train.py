@@ -14,10 +14,11 @@ training with the average left out: each worker steps its own Lookahead and neve
 which times the training alone.
 
 The bytes that go through the process group are counted: for DDP by a communication hook on its
-gradient buckets, for DiLoCo around torch.distributed.all_reduce, which its syncs call. With
-``--interface``, so are the bytes that network interface actually sent (its ``tx_bytes``, headers
-included), read after every step. Rank 0 writes the validation curve (DiLoCo's on the slow
-weights), the counts and every worker's per-step wall times and bytes to ``--out`` as JSON.
+gradient buckets, for DiLoCo around torch.distributed.all_reduce and all_gather, which its syncs
+call. With ``--interface``, so are the bytes that network interface actually sent (its
+``tx_bytes``, headers included), read after every step. Rank 0 writes the validation curve
+(DiLoCo's on the slow weights), the counts and every worker's per-step wall times and bytes to
+``--out`` as JSON.
 Uses gloo on the CPU; NCCL with one GPU per process when CUDA is available (unless ``--cpu``).
 """
 
@@ -48,7 +49,7 @@ OUTER = {"alpha": 0.3, "momentum": 0.9, "nesterov": True}
 
 
 class Traffic:
-    """Bytes handed to all-reduce by this process, and how many calls."""
+    """Bytes this process handed to collectives, and how many calls."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -73,15 +74,23 @@ def counting_ddp(model: torch.nn.Module, traffic: Traffic) -> DistributedDataPar
     return ddp
 
 
-def counting_all_reduce(traffic: Traffic) -> None:
-    """Count what DiLoCo's syncs send (and the divergence guard's 1-byte flags, if on)."""
-    real = dist.all_reduce
+def counting_collectives(traffic: Traffic) -> None:
+    """Count what DiLoCo's syncs send: the tensors they all-reduce, or, with 8-bit
+    pseudo-gradients, the blocks and scales each worker gathers from the others (and the
+    workers' agreement and the divergence guard's flags)."""
+    all_reduce, all_gather = dist.all_reduce, dist.all_gather
 
-    def all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def counted_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         traffic.count(tensor)
-        return real(tensor, *args, **kwargs)
+        return all_reduce(tensor, *args, **kwargs)
 
-    dist.all_reduce = all_reduce
+    def counted_all_gather(
+        tensors: list[torch.Tensor], tensor: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        traffic.count(tensor)
+        return all_gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = counted_all_reduce, counted_all_gather
 
 
 class InterfaceBytes:
@@ -159,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         trained = model
         optimizer = make_optimizer(args, inner)
-        counting_all_reduce(traffic)  # after construction: its start-up broadcast is not a step's
+        counting_collectives(traffic)  # after construction: its start-up broadcast is not a step's
     data = (
         (x.to(device), y.to(device))
         for x, y in char_lm.batches(corpus.train, BATCH, CONFIG.context, seed=1000 + rank)
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "samples": args.steps * BATCH * world,
                     "parameters": parameters,
                     "bytes_sent": traffic.bytes,
-                    "all_reduce_calls": traffic.calls,
+                    "collective_calls": traffic.calls,
                     "bytes_per_step": traffic.bytes / args.steps,
                     "curve": {"steps": curve.steps, "validation": curve.validation},
                     "seconds": curve.seconds,
