@@ -216,13 +216,11 @@ def train(
     validation: Sequence[Batch],
     eval_every: int,
     schedule: Callable[[int], float] | None = None,
-    after_step: Callable[[int], None] | None = None,
 ) -> Curve:
     """``steps`` optimizer steps on batches from ``data``, the validation loss every ``eval_every``
     steps and at the end. Lookahead (SNOO included) is evaluated on its slow weights: they are
     the model it returns, and what the SNOO paper evaluates. ``schedule`` scales every group's
-    learning rate per step (the inner rate, for Lookahead). ``after_step(step)`` runs after each
-    step, outside its timing (to read a counter, say)."""
+    learning rate per step (the inner rate, for Lookahead)."""
     scheduler = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def validate() -> float:
@@ -240,8 +238,6 @@ def train(
         if scheduler is not None:
             scheduler.step()
         curve.step_seconds.append(time.perf_counter() - started)
-        if after_step is not None:
-            after_step(step)
         if step % eval_every == 0 or step == steps:
             curve.steps.append(step)
             curve.validation.append(validate())

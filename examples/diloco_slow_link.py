@@ -12,10 +12,12 @@ nothing else does. Each configuration trains the same steps, and this prints one
   the sync steps (where a sync lands: every step for DDP, every k/F for DiLoCo), the maximum, and
   the mean against the run with no communication at all (``local``: DiLoCo's training, outer
   step included, without the average);
-- bytes each worker's interface actually sent (its ``tx_bytes``, read after every step: frames,
-  TCP/IP headers and acknowledgements included): per step on average, and at most in one sync's
-  window (the steps after the previous sync up to the one after this sync, which hold this sync's
-  average whatever its delay);
+- bytes each worker's interface actually sent (its ``tx_bytes``, read before every optimizer
+  step: frames, TCP/IP headers and acknowledgements included): per step on average, and the most
+  in one sync's window, from the optimizer step after the previous sync to the one after this sync
+  (it holds the whole average, started up to k/F - 1 steps early, and its last frames, which drain
+  during the next forward and backward passes). DDP's syncs follow one another with no gap, so its
+  peak holds some frames of its neighbours';
 - the final validation loss (DiLoCo's on its slow weights; ``local``'s is worker 0's replica,
   which saw half the samples), against blocking DiLoCo's.
 
@@ -270,26 +272,27 @@ class Row:
 def summarize(config: Config, result: dict[str, Any], warmup: int) -> Row:
     workers = result["per_worker"]
     seconds = [statistics.fmean(times) for times in zip(*(w["step_seconds"] for w in workers))]
-    sent = [w["interface_bytes_per_step"] for w in workers]
-    steps = range(warmup + 1, len(seconds) + 1)  # 1-based, as the step counts are
+    # Bytes sent since the start: [0], then before each step's optimizer step (1-based, as the
+    # step counts are), then after the last step.
+    readings = [w["interface_tx_bytes"] for w in workers]
+    steps = range(warmup + 1, len(seconds) + 1)
     timed = [seconds[s - 1] for s in steps]
     sync_ms = None
     bytes_per_sync = None
     if config.period is not None:
         synced = [seconds[s - 1] for s in steps if s % config.period == 0]
         sync_ms = 1e3 * statistics.median(synced)
-        # A sync's window runs from the step after the previous sync's to the step after its own:
-        # a worker's collective ends once the peer's data has arrived, and its own last frames
-        # may leave its tbf queue during the next step.
+        # The sync at step s started in the optimizer step of step s - delay >= s + 1 - period,
+        # after the previous sync's frames had drained, and its own drain before step s + 1's.
         syncs = range(warmup + config.period, len(seconds) + 1, config.period)
-        bytes_per_sync = max(sum(b[s + 1 - config.period : s + 1]) for b in sent for s in syncs)
+        bytes_per_sync = max(r[s + 1] - r[s + 1 - config.period] for r in readings for s in syncs)
     return Row(
         name=config.name,
         median_ms=1e3 * statistics.median(timed),
         sync_ms=sync_ms,
         max_ms=1e3 * max(timed),
         mean_ms=1e3 * statistics.fmean(timed),
-        bytes_per_step=statistics.fmean(sum(b[warmup:]) / len(timed) for b in sent),
+        bytes_per_step=statistics.fmean((r[-1] - r[warmup + 1]) / len(timed) for r in readings),
         bytes_per_sync=bytes_per_sync,
         loss=result["curve"]["validation"][-1],
     )

@@ -16,9 +16,9 @@ which times the training alone.
 The bytes that go through the process group are counted: for DDP by a communication hook on its
 gradient buckets, for DiLoCo around torch.distributed.all_reduce and all_gather, which its syncs
 call. With ``--interface``, so are the bytes that network interface actually sent (its
-``tx_bytes``, headers included), read after every step. Rank 0 writes the validation curve
-(DiLoCo's on the slow weights), the counts and every worker's per-step wall times and bytes to
-``--out`` as JSON.
+``tx_bytes``, headers included), read before every optimizer step. Rank 0 writes the validation
+curve (DiLoCo's on the slow weights), the counts and every worker's per-step wall times and bytes
+to ``--out`` as JSON.
 Uses gloo on the CPU; NCCL with one GPU per process when CUDA is available (unless ``--cpu``).
 """
 
@@ -94,21 +94,24 @@ def counting_collectives(traffic: Traffic) -> None:
 
 
 class InterfaceBytes:
-    """What a network interface has sent, as the kernel counts it (``tx_bytes``: every frame,
-    headers and acknowledgements included), read after each step."""
+    """What a network interface has sent since training began, as the kernel counts it
+    (``tx_bytes``: every frame, headers and acknowledgements included): read before every
+    optimizer step and once after the last. A sync's frames leave from its start, inside an
+    optimizer step, until shortly after its end (the last ones drain from the interface's queue
+    during the next forward and backward passes), so each sync's bytes lie between two readings
+    and apart from the previous sync's."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, optimizer: torch.optim.Optimizer) -> None:
         self._counter = Path("/sys/class/net") / name / "statistics" / "tx_bytes"
-        self._last = self._read()
-        self.per_step: list[int] = []
+        self._start = self._read()
+        self.readings = [0]
+        optimizer.register_step_pre_hook(lambda *_: self.read())
 
     def _read(self) -> int:
         return int(self._counter.read_text())
 
-    def after_step(self, step: int) -> None:
-        now = self._read()
-        self.per_step.append(now - self._last)
-        self._last = now
+    def read(self) -> None:
+        self.readings.append(self._read() - self._start)
 
 
 def make_optimizer(args: argparse.Namespace, inner: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -179,24 +182,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     schedule = char_lm.warmup_cosine(args.steps, warmup=args.steps // 10)
     dist.barrier()  # the workers start their steps together, and the barrier's bytes are not theirs
-    sent = None if args.interface is None else InterfaceBytes(args.interface)
+    sent = None if args.interface is None else InterfaceBytes(args.interface, optimizer)
     curve = char_lm.train(
-        trained,
-        optimizer,
-        args.steps,
-        data,
-        validation,
-        args.eval_every,
-        schedule,
-        after_step=None if sent is None else sent.after_step,
+        trained, optimizer, args.steps, data, validation, args.eval_every, schedule
     )
+    if sent is not None:
+        sent.read()
     parameters = sum(p.numel() for p in model.parameters())
     workers: list[Any] = [None] * world
     dist.all_gather_object(
         workers,
         {
             "step_seconds": curve.step_seconds,
-            "interface_bytes_per_step": None if sent is None else sent.per_step,
+            "interface_tx_bytes": None if sent is None else sent.readings,
         },
     )
     if rank == 0 and args.out:
