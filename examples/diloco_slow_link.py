@@ -8,10 +8,12 @@ its own (``lhbench-<pid>-0`` and ``-1``), joined by a veth pair whose two ends t
 filter (tbf) limits to ``--rate``: whatever one worker sends the other crosses that link, and
 nothing else does. Each configuration trains the same steps, and this prints one table:
 
-- wall time per step, each step's being the mean of the two workers': its median, the median of
-  the sync steps (where a sync lands: every step for DDP, every k/F for DiLoCo), the maximum, and
-  the mean against the run with no communication at all (``local``: DiLoCo's training, outer
-  step included, without the average);
+- time per step: of each step, the mean of the two workers', its median, the median over the
+  sync steps (where a sync lands: every step for DDP, every k/F for DiLoCo) and the maximum; and
+  the wall time per step, the slower worker's total over the steps, also against the run with no
+  communication at all (``local``: DiLoCo's training, outer step included, without the average).
+  The slower worker's, because workers that sync wait for each other: they go at the pace of the
+  slower one, which those that never sync do not;
 - bytes each worker's interface actually sent (its ``tx_bytes``, read before every optimizer
   step: frames, TCP/IP headers and acknowledgements included): per step on average, and the most
   in one sync's window, from the optimizer step after the previous sync to the one after this sync
@@ -263,7 +265,7 @@ class Row:
     median_ms: float
     sync_ms: float | None
     max_ms: float
-    mean_ms: float
+    wall_ms: float  # the slower worker's time over the steps, per step
     bytes_per_step: float
     bytes_per_sync: float | None  # the most one worker sent in one sync's window
     loss: float
@@ -291,7 +293,7 @@ def summarize(config: Config, result: dict[str, Any], warmup: int) -> Row:
         median_ms=1e3 * statistics.median(timed),
         sync_ms=sync_ms,
         max_ms=1e3 * max(timed),
-        mean_ms=1e3 * statistics.fmean(timed),
+        wall_ms=1e3 * max(sum(w["step_seconds"][warmup:]) for w in workers) / len(timed),
         bytes_per_step=statistics.fmean((r[-1] - r[warmup + 1]) / len(timed) for r in readings),
         bytes_per_sync=bytes_per_sync,
         loss=result["curve"]["validation"][-1],
@@ -311,7 +313,7 @@ def median_row(runs: Sequence[Row]) -> Row:
 def print_table(rows: dict[str, Row]) -> None:
     alone, blocking = rows["none"], rows["diloco"]
     print(
-        f"{'config':<26}{'median ms':>10}{'sync ms':>9}{'max ms':>8}{'mean ms':>9}"
+        f"{'config':<26}{'median ms':>10}{'sync ms':>9}{'max ms':>8}{'wall ms':>9}"
         f"{'x none':>8}{'bytes/step':>12}{'bytes/sync':>12}{'x DiLoCo':>10}{'loss':>8}"
         f"{'vs DiLoCo':>11}"
     )
@@ -325,7 +327,7 @@ def print_table(rows: dict[str, Row]) -> None:
         )
         print(
             f"{row.name:<26}{row.median_ms:>10.1f}{sync_ms:>9}{row.max_ms:>8.1f}"
-            f"{row.mean_ms:>9.1f}{row.mean_ms / alone.mean_ms:>7.2f}x{row.bytes_per_step:>12,.0f}"
+            f"{row.wall_ms:>9.1f}{row.wall_ms / alone.wall_ms:>7.2f}x{row.bytes_per_step:>12,.0f}"
             f"{per_sync:>12}{share:>10}{row.loss:>8.4f}{row.loss / blocking.loss - 1:>+10.1%}"
         )
 
@@ -337,9 +339,9 @@ def print_targets(rows: dict[str, Row], fragments: int) -> None:
     alone, blocking = rows["none"], rows["diloco"]
     print("targets:")
     for row in (rows[key] for key in ("delayed", "longest") if key in rows):
-        slowdown = row.mean_ms / alone.mean_ms
+        slowdown = row.wall_ms / alone.wall_ms
         print(
-            f"  {row.name}: {slowdown:.2f}x the mean time per step with no communication "
+            f"  {row.name}: {slowdown:.2f}x the wall time per step with no communication "
             f"(<= 1.15x): {verdict(slowdown <= 1.15)}"
         )
     for row in (rows[key] for key in ("stream", "delayed", "longest") if key in rows):
@@ -426,8 +428,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Row] | None:
                     port += 1  # a fresh port: the last run's may still be closing
                     results.setdefault(key, []).append(result)
                     rounds[key].append(summarize(config, result, warmup=args.k))
-                    mean_ms = rounds[key][-1].mean_ms
-                    print(f"  round {round_ + 1}, {config.name}: {mean_ms:.1f} ms/step", flush=True)
+                    wall_ms = rounds[key][-1].wall_ms
+                    print(f"  round {round_ + 1}, {config.name}: {wall_ms:.1f} ms/step", flush=True)
             drops = link.drops()
     except LinkUnavailable as error:
         print(f"skipped: {error}")
