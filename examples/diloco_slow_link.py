@@ -163,25 +163,24 @@ print(len(payload) * 8 / (time.perf_counter() - started) / 1e6)
 
 def measure_link(link: SlowLink, payload: int) -> float:
     """Mbit/s of one TCP stream of ``payload`` bytes from worker 0's namespace to worker 1's."""
-    receiver = subprocess.Popen(
+    with subprocess.Popen(
         link.command(1, [sys.executable, "-c", _RECEIVE, ADDRESSES[1]]),
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert receiver.stdout is not None
-        receiver.stdout.readline()  # listening
-        sent = subprocess.run(
-            link.command(0, [sys.executable, "-c", _SEND, ADDRESSES[1], str(payload)]),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        return float(sent.stdout)
-    finally:
-        receiver.kill()
-        receiver.wait()
+    ) as receiver:
+        try:
+            assert receiver.stdout is not None
+            receiver.stdout.readline()  # listening
+            sent = subprocess.run(
+                link.command(0, [sys.executable, "-c", _SEND, ADDRESSES[1], str(payload)]),
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            )
+            return float(sent.stdout)
+        finally:
+            receiver.kill()
 
 
 @dataclass(frozen=True)
