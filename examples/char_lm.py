@@ -199,11 +199,13 @@ def evaluate(model: nn.Module, batches: Sequence[Batch]) -> float:
 
 @dataclass
 class Curve:
-    """Validation loss at ``steps`` (0: before training), and the training wall time."""
+    """Validation loss at ``steps`` (0: before training), and the training wall time: in all, and
+    of each step."""
 
     steps: list[int]
     validation: list[float]
     seconds: float
+    step_seconds: list[float]
 
 
 def train(
@@ -227,8 +229,7 @@ def train(
                 return evaluate(model, validation)
         return evaluate(model, validation)
 
-    curve = Curve([0], [validate()], 0.0)
-    clock = 0.0
+    curve = Curve([0], [validate()], 0.0, [])
     for step in range(1, steps + 1):
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -236,9 +237,9 @@ def train(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        clock += time.perf_counter() - started
+        curve.step_seconds.append(time.perf_counter() - started)
         if step % eval_every == 0 or step == steps:
             curve.steps.append(step)
             curve.validation.append(validate())
-    curve.seconds = clock
+    curve.seconds = sum(curve.step_seconds)
     return curve

@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs[f"DiLoCo, k={k}"] = run(args.workers, steps, k, eval_every, ["--mode", "diloco"])
     k = ks[-1]
     runs[f"DiLoCo, k={k}, bf16 pseudo-gradients"] = run(
-        args.workers, steps, k, eval_every, ["--mode", "diloco", "--bf16-pseudo-gradients"]
+        args.workers,
+        steps,
+        k,
+        eval_every,
+        ["--mode", "diloco", "--pseudo-gradient-dtype", "bfloat16"],
     )
     ddp_bytes = runs["DDP"]["bytes_per_step"]
     print(f"{'run':<38}{'final loss':>11}{'bytes/step/worker':>19}{'vs DDP':>9}{'seconds':>9}")

@@ -1,17 +1,25 @@
 """DiLoCo against DDP on the byte-level language model of char_lm.py, one process per worker.
 
     torchrun --nproc-per-node 2 examples/diloco_train.py --mode diloco [--steps 300] [--out FILE]
+    torchrun --nproc-per-node 2 examples/diloco_train.py --mode diloco --fragments 4 --sync-delay 1
     torchrun --nproc-per-node 2 examples/diloco_train.py --mode ddp
+    torchrun --nproc-per-node 2 examples/diloco_train.py --mode local
 
-Every worker draws its own batches (seed + rank), so both modes see the same samples in all. DDP
+Every worker draws its own batches (seed + rank), so all modes see the same samples in all. DDP
 averages the gradients at every step; DiLoCo trains a replica per worker with no communication
 and every ``--k`` steps averages them (``Lookahead(process_group=...)``), then takes the outer
-Nesterov step (momentum 0.9 as in the DiLoCo paper; outer learning rate 0.3, snoo_lm.py's). The
-bytes that go through the process group are counted: for DDP by a communication hook on its
-gradient buckets, for DiLoCo around torch.distributed.all_reduce, which its syncs call. Rank 0
-writes the
-validation curve (DiLoCo's on the slow weights) and the counts to ``--out`` as JSON.
-Uses gloo on the CPU; NCCL with one GPU per process when CUDA is available.
+Nesterov step (momentum 0.9 as in the DiLoCo paper; outer learning rate 0.3, snoo_lm.py's);
+``--fragments`` and ``--sync-delay`` stream its syncs (Streaming DiLoCo). ``local`` is DiLoCo's
+training with the average left out: each worker steps its own Lookahead and never communicates,
+which times the training alone.
+
+The bytes that go through the process group are counted: for DDP by a communication hook on its
+gradient buckets, for DiLoCo around torch.distributed.all_reduce and all_gather, which its syncs
+call. With ``--interface``, so are the bytes that network interface actually sent (its
+``tx_bytes``, headers included), read before every optimizer step. Rank 0 writes the validation
+curve (DiLoCo's on the slow weights), the counts and every worker's per-step wall times and bytes
+to ``--out`` as JSON.
+Uses gloo on the CPU; NCCL with one GPU per process when CUDA is available (unless ``--cpu``).
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import char_lm
@@ -41,7 +49,7 @@ OUTER = {"alpha": 0.3, "momentum": 0.9, "nesterov": True}
 
 
 class Traffic:
-    """Bytes handed to all-reduce by this process, and how many calls."""
+    """Bytes this process handed to collectives, and how many calls."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -66,28 +74,88 @@ def counting_ddp(model: torch.nn.Module, traffic: Traffic) -> DistributedDataPar
     return ddp
 
 
-def counting_all_reduce(traffic: Traffic) -> None:
-    """Count what DiLoCo's syncs send (and the divergence guard's 1-byte flags, if on)."""
-    real = dist.all_reduce
+def counting_collectives(traffic: Traffic) -> None:
+    """Count what DiLoCo's syncs send: the tensors they all-reduce, or, with 8-bit
+    pseudo-gradients, the blocks and scales each worker gathers from the others (and the
+    workers' agreement and the divergence guard's flags)."""
+    all_reduce, all_gather = dist.all_reduce, dist.all_gather
 
-    def all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def counted_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         traffic.count(tensor)
-        return real(tensor, *args, **kwargs)
+        return all_reduce(tensor, *args, **kwargs)
 
-    dist.all_reduce = all_reduce
+    def counted_all_gather(
+        tensors: list[torch.Tensor], tensor: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        traffic.count(tensor)
+        return all_gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = counted_all_reduce, counted_all_gather
+
+
+class InterfaceBytes:
+    """What a network interface has sent since training began, as the kernel counts it
+    (``tx_bytes``: every frame, headers and acknowledgements included): read before every
+    optimizer step and once after the last. A sync's frames leave from its start, inside an
+    optimizer step, until shortly after its end (the last ones drain from the interface's queue
+    during the next forward and backward passes), so each sync's bytes lie between two readings
+    and apart from the previous sync's."""
+
+    def __init__(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        self._counter = Path("/sys/class/net") / name / "statistics" / "tx_bytes"
+        self._start = self._read()
+        self.readings = [0]
+        optimizer.register_step_pre_hook(lambda *_: self.read())
+
+    def _read(self) -> int:
+        return int(self._counter.read_text())
+
+    def read(self) -> None:
+        self.readings.append(self._read() - self._start)
+
+
+def make_optimizer(args: argparse.Namespace, inner: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """DiLoCo's Lookahead, or, for ``local``, the same Lookahead on no process group."""
+    if args.mode == "local":
+        return Lookahead(inner, k=args.k, **OUTER)
+    dtype = (
+        None if args.pseudo_gradient_dtype is None else getattr(torch, args.pseudo_gradient_dtype)
+    )
+    return Lookahead(
+        inner,
+        k=args.k,
+        process_group=dist.group.WORLD,
+        pseudo_gradient_dtype=dtype,
+        fragments=args.fragments,
+        sync_delay=args.sync_delay,
+        **OUTER,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["diloco", "ddp"], required=True)
+    parser.add_argument("--mode", choices=["diloco", "ddp", "local"], required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--k", type=int, default=30, help="DiLoCo's inner steps per sync")
+    parser.add_argument("--fragments", type=int, default=1, help="Streaming DiLoCo's fragments")
+    parser.add_argument(
+        "--sync-delay", type=int, default=0, help="steps a fragment's average runs behind training"
+    )
+    parser.add_argument(
+        "--pseudo-gradient-dtype",
+        default=None,
+        help="average the pseudo-gradients in this torch dtype (bfloat16, ...), not the weights",
+    )
     parser.add_argument("--eval-every", type=int, default=30)
-    parser.add_argument("--bf16-pseudo-gradients", action="store_true")
+    parser.add_argument("--interface", default=None, help="count what this interface sends")
+    parser.add_argument("--cpu", action="store_true", help="gloo on the CPU even with CUDA")
     parser.add_argument("--out", default=None, help="JSON written by rank 0")
     args = parser.parse_args(argv)
+    diloco_options = args.fragments != 1 or args.sync_delay or args.pseudo_gradient_dtype
+    if args.mode != "diloco" and diloco_options:
+        parser.error("--fragments, --sync-delay and --pseudo-gradient-dtype are DiLoCo's")
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.cpu
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
@@ -102,14 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         optimizer: torch.optim.Optimizer = inner
     else:
         trained = model
-        optimizer = Lookahead(
-            inner,
-            k=args.k,
-            process_group=dist.group.WORLD,
-            pseudo_gradient_dtype=torch.bfloat16 if args.bf16_pseudo_gradients else None,
-            **OUTER,
-        )
-        counting_all_reduce(traffic)  # after construction: its start-up broadcast is not a step's
+        optimizer = make_optimizer(args, inner)
+        counting_collectives(traffic)  # after construction: its start-up broadcast is not a step's
     data = (
         (x.to(device), y.to(device))
         for x, y in char_lm.batches(corpus.train, BATCH, CONFIG.context, seed=1000 + rank)
@@ -119,12 +181,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         for x, y in char_lm.validation_batches(corpus.validation, 32, CONFIG.context, count=8)
     ]
     schedule = char_lm.warmup_cosine(args.steps, warmup=args.steps // 10)
-    started = time.perf_counter()
+    dist.barrier()  # the workers start their steps together, and the barrier's bytes are not theirs
+    sent = None if args.interface is None else InterfaceBytes(args.interface, optimizer)
     curve = char_lm.train(
         trained, optimizer, args.steps, data, validation, args.eval_every, schedule
     )
-    seconds = time.perf_counter() - started
+    if sent is not None:
+        sent.read()
     parameters = sum(p.numel() for p in model.parameters())
+    workers: list[Any] = [None] * world
+    dist.all_gather_object(
+        workers,
+        {
+            "step_seconds": curve.step_seconds,
+            "interface_tx_bytes": None if sent is None else sent.readings,
+        },
+    )
     if rank == 0 and args.out:
         with open(args.out, "w") as out:
             json.dump(
@@ -132,15 +204,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "mode": args.mode,
                     "workers": world,
                     "steps": args.steps,
-                    "k": args.k if args.mode == "diloco" else 1,
-                    "bf16_pseudo_gradients": args.bf16_pseudo_gradients,
+                    "k": 1 if args.mode == "ddp" else args.k,
+                    "fragments": args.fragments,
+                    "sync_delay": args.sync_delay,
+                    "pseudo_gradient_dtype": args.pseudo_gradient_dtype,
                     "samples": args.steps * BATCH * world,
                     "parameters": parameters,
                     "bytes_sent": traffic.bytes,
-                    "all_reduce_calls": traffic.calls,
+                    "collective_calls": traffic.calls,
                     "bytes_per_step": traffic.bytes / args.steps,
                     "curve": {"steps": curve.steps, "validation": curve.validation},
-                    "seconds": seconds,
+                    "seconds": curve.seconds,
+                    "interface": args.interface,
+                    "per_worker": workers,
                 },
                 out,
                 indent=2,
@@ -149,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"{args.mode}: {world} workers, {args.steps} steps, final validation loss "
             f"{curve.validation[-1]:.4f}, {traffic.bytes / args.steps / 1e6:.3f} MB sent per "
-            f"step by each worker ({parameters / 1e6:.2f}M parameters), {seconds:.0f} s"
+            f"step by each worker ({parameters / 1e6:.2f}M parameters), {curve.seconds:.0f} s of "
+            "steps"
         )
     dist.barrier()
     dist.destroy_process_group()

@@ -1,7 +1,9 @@
 """Each example runs end to end at a tiny size, and the README shows what the full runs wrote."""
 
 import importlib
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,29 @@ def test_example_runs_quick(module, tmp_path, capsys):
     png = tmp_path / "out" / OUTPUTS[module]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out  # the numbers the README quotes are printed
+
+
+def test_diloco_slow_link_quick(capsys):
+    """The slow-link benchmark's runner, end to end on a tiny run, where the machine lets it make
+    network namespaces (root, iproute2, tc's tbf); and it leaves none behind."""
+    slow_link = importlib.import_module("diloco_slow_link")
+    reason = slow_link.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    rows = slow_link.main(["--quick"])
+    printed = capsys.readouterr().out
+    if rows is None:
+        pytest.skip(printed.strip())
+    assert "targets:" in printed
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert f"lhbench-{os.getpid()}-" not in left.stdout
+    char_lm, train = importlib.import_module("char_lm"), importlib.import_module("diloco_train")
+    weights = 4 * sum(p.numel() for p in char_lm.make_model(train.CONFIG, seed=0).parameters())
+    # Read off the interfaces, not computed: each worker of a 2-process ring sends the whole
+    # payload of an all-reduce, and headers on top.
+    assert rows["none"].bytes_per_step < 1000
+    assert weights < rows["diloco"].bytes_per_sync < 1.2 * weights
+    assert rows["delayed"].bytes_per_sync < 0.4 * weights
 
 
 def test_readme_shows_every_png_and_the_command_that_writes_them():
