@@ -83,10 +83,10 @@ def dump(
             # A copy: the tensor holding them may change roles (at opt.train(), at a step).
             entry[STATE_PREFIX + FAST_PARAM] = fast_elsewhere[param].clone()
         if in_flight is not None:
-            average = in_flight.get(param, 0)
-            code = IN_FLIGHT_RESTORE if average is None else IN_FLIGHT_AVERAGE
-            if isinstance(average, int):
-                code, average = IN_FLIGHT_NONE, torch.zeros_like(ours[SLOW_PARAM])
+            average = in_flight.get(param)
+            code = IN_FLIGHT_AVERAGE if average is not None else IN_FLIGHT_NONE
+            if param in in_flight and average is None:
+                code = IN_FLIGHT_RESTORE
             entry[STATE_PREFIX + IN_FLIGHT] = torch.tensor(code, dtype=torch.int8)
             entry[STATE_PREFIX + IN_FLIGHT_VALUE] = (
                 torch.zeros_like(ours[SLOW_PARAM]) if average is None else average.clone()

@@ -86,12 +86,14 @@ class Workers:
         self, check: Callable[[], None], describe: Callable[[], list[tuple[str, Any]]]
     ) -> None:
         """``check()``; with a group, every worker then agrees (:meth:`agree`) on ``describe()``
-        and on whether any check failed, so that a worker that rejects what the others accept
-        raises alike on all of them instead of leaving them in a collective."""
+        and on whether any check (``describe()`` included) failed, so that a worker that rejects
+        what the others accept raises alike on all of them instead of leaving them in a
+        collective."""
         failure, description = None, []
         try:
             check()
-            description = describe()
+            if self.group is not None:
+                description = describe()
         except (TypeError, ValueError) as error:
             failure = error
         if self.group is not None:

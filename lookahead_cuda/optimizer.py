@@ -174,11 +174,11 @@ class Lookahead(Optimizer):
             self._workers.check(capturable)
             self._copies = SlowCopies(slow_device, capturable)
             self._check_settings(settings, "Lookahead()")
-            for index, group in enumerate(groups):
+            for group in groups:
                 self._check_settings(group, "a param group of the inner optimizer")
-                self._workers.fragment_of(index, group["params"])
 
-        # DiLoCo's workers check alike: one that rejects its arguments makes all raise.
+        # DiLoCo's workers check alike (describe() assigns each parameter its fragment): one that
+        # rejects its arguments makes all raise.
         self._workers.checked(check_arguments, lambda: diloco.describe(groups, self._workers))
         self.slow_device = self._copies.slow_device
         #: Lookahead's own per-parameter state: ``slow_param``, ``outer_momentum``, the pullback
