@@ -103,7 +103,11 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        # --exclude-libs: where a toolchain links parts of libstdc++ statically (the GPU machine's
+        # /opt/gcc does), their symbols must stay private. Exported, the locale's data binds to
+        # torch's libstdc++ while its functions bind to ours (Python's -Bsymbolic-functions):
+        # every integer written into an error message then read the wrong facet and crashed.
+        extra_link_args=["-fopenmp", "-Wl,--exclude-libs,ALL"],
     ), cpp_extension.BuildExtension
 
 

@@ -33,6 +33,18 @@ def build() -> int:
         print(stopping, file=sys.stderr)
         return 1
     print(f"CUDA kernels registered for {', '.join(OP_NAMES)}")
+    # An error message with a number in it: where the toolchain links libstdc++ statically and the
+    # extension exports it, this crashed the process (setup.py, --exclude-libs).
+    one = [torch.ones(1)]
+    try:
+        lookahead_update_(one * 2, one, 0.5)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    if "slow has 2 tensors but fast has 1" not in message:
+        print(f"ERROR MESSAGES COME OUT BROKEN: {message!r}", file=sys.stderr)
+        return 1
+    print("error messages come out whole")
     return 0
 
 
