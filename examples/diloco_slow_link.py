@@ -2,6 +2,7 @@
 
     python examples/diloco_slow_link.py [--rate 100mbit] [--steps 600] [--k 24]   # as root
     python examples/diloco_slow_link.py --quick                                   # a smoke run
+    python examples/diloco_slow_link.py --depth 12 --only 8-bit    # a bigger model, some rows
 
 Two worker processes (`diloco_train.py`, gloo, one thread each), each in a network namespace of
 its own (``lhbench-<pid>-0`` and ``-1``), joined by a veth pair whose two ends tc's token bucket
@@ -190,10 +191,12 @@ class Config:
     period: int | None  # steps from one sync to the next (None: never syncs)
 
 
-def configs(k: int, fragments: int, delay: int) -> dict[str, Config]:
+def configs(k: int, fragments: int, delay: int, balanced: bool) -> dict[str, Config]:
     """The rows: no communication, DDP, blocking DiLoCo, streaming with no delay, with ``delay``
-    (in fp32, bf16 and 8 bits) and with the longest delay there is, k / F - 1 steps."""
+    (in fp32, bf16 and 8 bits) and with the longest delay there is, k / F - 1 steps; with
+    ``balanced``, streaming's fragments are lists of about equal bytes."""
     stream = ("--mode", "diloco", "--fragments", str(fragments))
+    stream += ("--balanced",) if balanced else ()
     delayed = (*stream, "--sync-delay", str(delay))
     every = k // fragments
     chosen = {
@@ -216,7 +219,7 @@ def configs(k: int, fragments: int, delay: int) -> dict[str, Config]:
 
 
 def train(
-    link: SlowLink, config: Config, steps: int, k: int, port: int, timeout: float
+    link: SlowLink, config: Config, steps: int, k: int, depth: int, port: int, timeout: float
 ) -> dict[str, Any]:
     """One run of diloco_train.py, a worker in each namespace; what worker 0 wrote."""
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as files:
@@ -226,7 +229,8 @@ def train(
         try:
             for rank, interface in enumerate(link.interfaces):
                 args = [sys.executable, str(TRAIN), *config.args, "--cpu", "--steps", str(steps)]
-                args += ["--k", str(k), "--eval-every", str(steps), "--interface", interface]
+                args += ["--k", str(k), "--depth", str(depth), "--eval-every", str(steps)]
+                args += ["--interface", interface]
                 env = {
                     **os.environ,
                     "RANK": str(rank),
@@ -396,6 +400,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Row] | None:
     parser.add_argument("--k", type=int, default=24, help="inner steps per (full) sync")
     parser.add_argument("--fragments", type=int, default=4)
     parser.add_argument("--delay", type=int, default=1, help="the delayed streaming's sync_delay")
+    parser.add_argument(
+        "--balanced",
+        action="store_true",
+        help="streaming's fragments as lists of about equal bytes, not contiguous runs",
+    )
+    parser.add_argument(
+        "--depth", type=int, default=2, help="the model's transformer blocks (diloco_lm.py's: 2)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["ddp", "stream", "longest", "bf16", "8-bit"],
+        default=None,
+        help="these rows, beside those the others are relative to (none, diloco, delayed)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     parser.add_argument(
         "--repeats",
@@ -414,15 +433,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Row] | None:
     if reason is not None:
         print(f"skipped: {reason}")
         return None
-    chosen = configs(args.k, args.fragments, args.delay)
-    if args.quick:  # the rows the table is relative to, and the delayed streaming's
-        chosen = {key: chosen[key] for key in ("none", "diloco", "delayed")}
+    chosen = configs(args.k, args.fragments, args.delay, args.balanced)
+    if args.quick or args.only is not None:  # the rows the table is relative to, and those asked
+        kept = {"none", "diloco", "delayed", *(args.only or ())}
+        chosen = {key: config for key, config in chosen.items() if key in kept}
     try:
         with terminated_as_exit(), SlowLink(args.rate) as link:
             rate = measure_link(link, payload=250_000 if args.quick else 2_500_000)
             print(
                 f"link: veth pair between 2 network namespaces, tbf rate {args.rate} each way, "
                 f"{rate:.1f} Mbit/s measured by one TCP stream; {args.steps} steps, k = {args.k}, "
+                f"depth {args.depth}{', balanced fragments' if args.balanced else ''}, "
                 f"first {args.k} steps left out of time and bytes"
             )
             # Rounds of every configuration in turn, so that a machine whose load drifts weighs
@@ -432,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Row] | None:
             port = 29500
             for round_ in range(args.repeats):
                 for key, config in chosen.items():
-                    result = train(link, config, args.steps, args.k, port, args.timeout)
+                    result = train(link, config, args.steps, args.k, args.depth, port, args.timeout)
                     port += 1  # a fresh port: the last run's may still be closing
                     results.setdefault(key, []).append(result)
                     rounds[key].append(summarize(config, result, warmup=args.k))

@@ -25,6 +25,7 @@ Uses gloo on the CPU; NCCL with one GPU per process when CUDA is available (unle
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -121,15 +122,32 @@ def make_optimizer(args: argparse.Namespace, inner: torch.optim.Optimizer) -> to
     dtype = (
         None if args.pseudo_gradient_dtype is None else getattr(torch, args.pseudo_gradient_dtype)
     )
+    fragments: int | list[list[torch.Tensor]] = args.fragments
+    if args.balanced:
+        fragments = balanced_fragments(inner, args.fragments)
     return Lookahead(
         inner,
         k=args.k,
         process_group=dist.group.WORLD,
         pseudo_gradient_dtype=dtype,
-        fragments=args.fragments,
+        fragments=fragments,
         sync_delay=args.sync_delay,
         **OUTER,
     )
+
+
+def balanced_fragments(optimizer: torch.optim.Optimizer, count: int) -> list[list[torch.Tensor]]:
+    """``count`` lists of parameters of about equal bytes, in any order: each tensor, largest
+    first, into the lightest list so far. Contiguous runs (``fragments=count``) keep the model's
+    order, and a large tensor where a cut falls makes one fragment heavier than 1/count."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    fragments: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for param in sorted(params, key=lambda p: p.numel() * p.element_size(), reverse=True):
+        lightest = loads.index(min(loads))
+        fragments[lightest].append(param)
+        loads[lightest] += param.numel() * param.element_size()
+    return fragments
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -146,14 +164,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="average the pseudo-gradients in this torch dtype (bfloat16, ...), not the weights",
     )
+    parser.add_argument(
+        "--balanced",
+        action="store_true",
+        help="fragments as lists of about equal bytes, not contiguous runs of the model",
+    )
+    parser.add_argument(
+        "--depth", type=int, default=CONFIG.depth, help="transformer blocks (a bigger model)"
+    )
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--interface", default=None, help="count what this interface sends")
     parser.add_argument("--cpu", action="store_true", help="gloo on the CPU even with CUDA")
     parser.add_argument("--out", default=None, help="JSON written by rank 0")
     args = parser.parse_args(argv)
-    diloco_options = args.fragments != 1 or args.sync_delay or args.pseudo_gradient_dtype
+    diloco_options = (
+        args.fragments != 1 or args.sync_delay or args.pseudo_gradient_dtype or args.balanced
+    )
     if args.mode != "diloco" and diloco_options:
-        parser.error("--fragments, --sync-delay and --pseudo-gradient-dtype are DiLoCo's")
+        parser.error(
+            "--fragments, --balanced, --sync-delay and --pseudo-gradient-dtype are DiLoCo's"
+        )
 
     cuda = torch.cuda.is_available() and not args.cpu
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -162,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)  # one core per worker on the CPU
 
     corpus = char_lm.load_corpus()
-    model = char_lm.make_model(CONFIG, seed=0).to(device)
+    config = dataclasses.replace(CONFIG, depth=args.depth)
+    model = char_lm.make_model(config, seed=0).to(device)
     traffic = Traffic()
     inner = char_lm.adamw(model, lr=LR)
     if args.mode == "ddp":
@@ -174,11 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         counting_collectives(traffic)  # after construction: its start-up broadcast is not a step's
     data = (
         (x.to(device), y.to(device))
-        for x, y in char_lm.batches(corpus.train, BATCH, CONFIG.context, seed=1000 + rank)
+        for x, y in char_lm.batches(corpus.train, BATCH, config.context, seed=1000 + rank)
     )
     validation = [
         (x.to(device), y.to(device))
-        for x, y in char_lm.validation_batches(corpus.validation, 32, CONFIG.context, count=8)
+        for x, y in char_lm.validation_batches(corpus.validation, 32, config.context, count=8)
     ]
     schedule = char_lm.warmup_cosine(args.steps, warmup=args.steps // 10)
     dist.barrier()  # the workers start their steps together, and the barrier's bytes are not theirs

@@ -1,5 +1,6 @@
 """Each example runs end to end at a tiny size, and the README shows what the full runs wrote."""
 
+import dataclasses
 import importlib
 import os
 import re
@@ -57,6 +58,17 @@ def test_diloco_slow_link_quick(capsys):
     assert rows["none"].bytes_per_step < 1000
     assert weights < rows["diloco"].bytes_per_sync < 1.2 * weights
     assert rows["delayed"].bytes_per_sync < 0.4 * weights
+
+
+def test_balanced_fragments_hold_every_parameter_once_in_about_equal_bytes():
+    char_lm, train = importlib.import_module("char_lm"), importlib.import_module("diloco_train")
+    model = char_lm.make_model(dataclasses.replace(train.CONFIG, depth=12), seed=0)
+    params = list(model.parameters())
+    fragments = train.balanced_fragments(torch.optim.SGD(params, lr=0.1), 4)
+    assert sorted(id(p) for f in fragments for p in f) == sorted(id(p) for p in params)
+    loads = [sum(p.numel() for p in f) for f in fragments]
+    assert max(loads) - min(loads) <= max(p.numel() for p in params)
+    assert max(loads) / sum(loads) < 0.252  # contiguous runs of this model: 0.261
 
 
 def test_readme_shows_every_png_and_the_command_that_writes_them():
