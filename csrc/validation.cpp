@@ -244,19 +244,41 @@ void order_by_address(std::vector<Extent>& extents) {
   std::sort(extents.begin(), extents.end(), starts_before);
 }
 
+// Vectors reused from call to call on each thread. With thousands of parameters fresh ones cost
+// more than the checks: the allocator hands their pages back to the system after every call, and
+// the next call faults them in again (half of a 10000-pair call's time). They keep the largest
+// call's capacity: about 300 bytes a pair.
+struct Scratch {
+  std::vector<std::vector<Extent>> extents;  // one per list
+  std::vector<Extent> all;
+  std::vector<Extent> merged;
+  std::vector<const Extent*> reaching;
+};
+
+Scratch& scratch(size_t lists) {
+  thread_local Scratch reused;
+  if (reused.extents.size() < lists) reused.extents.resize(lists);
+  for (std::vector<Extent>& list : reused.extents) list.clear();
+  return reused;
+}
+
 // Sweeps the ranges of every list in address order, keeping those that still reach past the
 // current one: for the usual disjoint tensors that is none, so a call with thousands of parameters
 // (possibly views into one flat buffer) stays linear.
-void check_no_shared_memory(const char* op, std::vector<std::vector<Extent>>& lists,
+void check_no_shared_memory(const char* op, Scratch& lists, size_t count,
                             const ArgumentNames& names) {
-  std::vector<Extent> all;
-  for (std::vector<Extent>& list : lists) {
+  std::vector<Extent>& all = lists.all;
+  all.clear();
+  for (size_t l = 0; l < count; ++l) {
+    std::vector<Extent>& list = lists.extents[l];
     order_by_address(list);
-    std::vector<Extent> merged(all.size() + list.size());
-    std::merge(all.begin(), all.end(), list.begin(), list.end(), merged.begin(), starts_before);
-    all = std::move(merged);
+    lists.merged.resize(all.size() + list.size());
+    std::merge(all.begin(), all.end(), list.begin(), list.end(), lists.merged.begin(),
+               starts_before);
+    all.swap(lists.merged);
   }
-  std::vector<const Extent*> reaching;
+  std::vector<const Extent*>& reaching = lists.reaching;
+  reaching.clear();
   for (const Extent& next : all) {
     reaching.erase(std::remove_if(reaching.begin(), reaching.end(),
                                   [&](const Extent* e) { return e->end <= next.begin; }),
@@ -320,8 +342,8 @@ Layout validate_written_lists(const char* op, c10::ArrayRef<NamedList> lists,
   std::vector<at::TensorList> tensor_lists;
   for (const NamedList& list : lists) tensor_lists.push_back(list.tensors);
   AddressSpace addresses;
-  std::vector<std::vector<Extent>> extents(lists.size());
-  for (auto& list_extents : extents) list_extents.reserve(count);
+  Scratch& reused = scratch(lists.size());
+  std::vector<std::vector<Extent>>& extents = reused.extents;
   layout.flat.reserve(count);
   for (size_t i = 0; i < count; ++i) {
     prefetch_ahead(tensor_lists, i);
@@ -379,7 +401,7 @@ Layout validate_written_lists(const char* op, c10::ArrayRef<NamedList> lists,
       layout.strided.push_back(i);
     }
   }
-  check_no_shared_memory(op, extents, names);
+  check_no_shared_memory(op, reused, lists.size(), names);
   return layout;
 }
 
