@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    # Under torch 2.14 a worker has aborted after its last line ("terminate called without an
+    # active exception", about one run in 30 to 100 here, never under faulthandler), which reads as
+    # a failed run. Everything is written and the group destroyed: skip the interpreter's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
