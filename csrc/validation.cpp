@@ -265,12 +265,10 @@ Scratch& scratch(size_t lists) {
 // Sweeps the ranges of every list in address order, keeping those that still reach past the
 // current one: for the usual disjoint tensors that is none, so a call with thousands of parameters
 // (possibly views into one flat buffer) stays linear.
-void check_no_shared_memory(const char* op, Scratch& lists, size_t count,
-                            const ArgumentNames& names) {
+void check_no_shared_memory(const char* op, Scratch& lists, const ArgumentNames& names) {
   std::vector<Extent>& all = lists.all;
   all.clear();
-  for (size_t l = 0; l < count; ++l) {
-    std::vector<Extent>& list = lists.extents[l];
+  for (std::vector<Extent>& list : lists.extents) {  // any beyond this call's lists are empty
     order_by_address(list);
     lists.merged.resize(all.size() + list.size());
     std::merge(all.begin(), all.end(), list.begin(), list.end(), lists.merged.begin(),
@@ -401,7 +399,7 @@ Layout validate_written_lists(const char* op, c10::ArrayRef<NamedList> lists,
       layout.strided.push_back(i);
     }
   }
-  check_no_shared_memory(op, reused, lists.size(), names);
+  check_no_shared_memory(op, reused, names);
   return layout;
 }
 
